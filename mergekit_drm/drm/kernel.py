@@ -1,0 +1,251 @@
+"""DRM (Decom-Renorm-Merge, arXiv 2505.23117) on plain tensors.
+
+Nothing here knows about mergekit: every function takes task vectors (deltas
+from one base) and returns the merged delta. The mergekit adapter lives in
+``method.py``.
+
+Semantics, per matrix (``n`` = output axis, ``m`` = input axis):
+
+* ``horizontal`` (DRM-H): SVD of ``[dW_1 | ... | dW_N]`` (n x N*m). The shared
+  factor is U (output-space basis); model t's coordinates are column block t of
+  V^T, r x m.
+* ``vertical`` (DRM-V): SVD of ``[dW_1; ...; dW_N]`` (N*n x m). The shared factor
+  is V^T (input-space basis); model t's coordinates are row block t of U, n x r.
+  DRM-V of {dW_t} is exactly DRM-H of {dW_t^T}, transposed back, so one code
+  path (``_merge_shared_left_basis``) serves both.
+
+Then: keep singular values above ``rank_tol * sigma_max``; renormalize each
+model's coordinate vectors to unit length (sigma~ = sigma * norm); prune the
+normalized coordinates jointly over all models keeping an exact count; scale
+by sigma~; elect signs by mass (TIES) on these unweighted coordinates;
+multiply by the per-model weights; take the disjoint mean; map back.
+
+Where this differs from the reference code (see README "Deviations"):
+exact keep count (the reference keeps one extra), density 1 still runs the
+SVD path (the reference bypasses it), zero/noise blocks are guarded (the
+reference divides by ~0), and ``sign_election`` also applies to matrices.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+
+from mergekit_drm.drm.decompose import SvdMode, low_rank_factors
+
+Direction = Literal["vertical", "horizontal"]
+
+
+def keep_top_magnitude(x: torch.Tensor, density: float) -> torch.Tensor:
+    """Boolean mask keeping exactly ``round(density * numel)`` largest |x|.
+
+    At least one entry is kept. Entries tied at the threshold are kept in
+    flat-index order so the count is exact (the reference keeps one extra
+    plus all ties). Selection is by ``kthvalue`` (linear time), not a sort.
+    """
+    total = x.numel()
+    keep = min(max(int(math.floor(density * total + 0.5)), 1), total)
+    if keep >= total:
+        return torch.ones_like(x, dtype=torch.bool)
+    flat = x.abs().reshape(-1)
+    threshold = torch.kthvalue(flat, total - keep + 1).values
+    mask = flat > threshold
+    missing = keep - int(mask.sum())
+    if missing > 0:
+        tied = torch.nonzero(flat == threshold).reshape(-1)[:missing]
+        mask[tied] = True
+    return mask.reshape(x.shape)
+
+
+def elect_and_mean(
+    contributions: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    sign_election: bool = True,
+    disjoint: bool = True,
+) -> torch.Tensor:
+    """TIES-style sign election, then weights, then the (disjoint) mean.
+
+    ``contributions`` is (N, ...). The election uses the *unweighted* values
+    (sign of the sum, i.e. "mass"); an exact tie takes the tensor-wide
+    majority of elected signs, and a tie there too takes +. Weights multiply
+    after the election; the disjoint mean divides by the number of models
+    whose weighted value is non-zero, the plain mean by N.
+    """
+    n_models = contributions.shape[0]
+    if sign_election:
+        elected = torch.sign(contributions.sum(dim=0))
+        majority = torch.sign(elected.sum())
+        if majority == 0:
+            majority = torch.ones_like(majority)
+        elected = torch.where(elected == 0, majority, elected)
+        contributions = contributions * (torch.sign(contributions) == elected)
+    shape = (n_models,) + (1,) * (contributions.dim() - 1)
+    weighted = contributions * weights.to(contributions).reshape(shape)
+    total = weighted.sum(dim=0)
+    if disjoint:
+        count = (weighted != 0).sum(dim=0).clamp_min(1)
+        return total / count
+    return total / n_models
+
+
+def _negligible_share(dtype: torch.dtype) -> float:
+    """Below this, a model's share of a singular direction is rounding noise.
+
+    Each singular direction's energy splits over the models as sum_t nu_t^2 = 1.
+    A share nu_t^2 under machine epsilon cannot be told from rounding (an
+    exactly-zero block comes back from the SVD as ~1e-16, not 0), and
+    renormalizing it to unit length would let noise win keep slots and count
+    in the disjoint mean. Such coordinates are set to zero, as in exact
+    arithmetic.
+    """
+    return math.sqrt(torch.finfo(dtype).eps)
+
+
+def _merge_shared_left_basis(
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    density: float,
+    rank_tol: float,
+    renorm: bool,
+    sign_election: bool,
+    disjoint: bool,
+    svd: SvdMode,
+) -> torch.Tensor:
+    """DRM-H on a stack (N, p, q): shared basis on axis p, merge in R^{r x q}."""
+    n_models, p, q = deltas.shape
+    dtype = deltas.dtype
+    # A model whose delta is exactly zero must not take part at all.
+    active = deltas.reshape(n_models, -1).ne(0).any(dim=1)
+    basis, sigma, coords = low_rank_factors(deltas, rank_tol=rank_tol, mode=svd)
+    if sigma.numel() == 0:
+        return deltas.new_zeros(p, q)
+    # coords: (N, r, q), with deltas[t] = basis @ diag(sigma) @ coords[t].
+    norms = torch.linalg.vector_norm(coords, dim=2)  # (N, r)
+    significant = (norms > _negligible_share(dtype)) & active[:, None]
+    if renorm:
+        safe = torch.where(significant, norms, torch.ones_like(norms))
+        coords = coords * (significant / safe).unsqueeze(2)
+        scales = sigma.unsqueeze(0) * norms * significant
+    else:
+        coords = coords * significant.unsqueeze(2)
+        scales = sigma.unsqueeze(0).expand(n_models, -1)
+    mask = keep_top_magnitude(coords, density)
+    contributions = coords.mul_(mask).mul_(scales.unsqueeze(2))
+    del mask
+    merged = elect_and_mean(
+        contributions, weights, sign_election=sign_election, disjoint=disjoint
+    )
+    return basis @ merged
+
+
+def drm_merge_matrix(
+    deltas: Sequence[torch.Tensor] | torch.Tensor,
+    weights: Sequence[float] | torch.Tensor | None = None,
+    *,
+    direction: Direction = "vertical",
+    density: float = 0.2,
+    rank_tol: float = 0.01,
+    renorm: bool = True,
+    sign_election: bool = True,
+    disjoint: bool = True,
+    scale: float = 1.0,
+    compute_dtype: torch.dtype = torch.float32,
+    svd: SvdMode = "full",
+) -> torch.Tensor:
+    """Merge N task vectors of one (n, m) matrix with DRM; return the merged delta.
+
+    ``deltas`` are in ``nn.Linear`` layout (output, input); the result is in
+    ``compute_dtype`` (at least float32: SVDs of bf16/fp16 are unsafe).
+    """
+    if direction not in ("vertical", "horizontal"):
+        raise ValueError(
+            f"direction must be 'vertical' or 'horizontal', got {direction!r}"
+        )
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    if rank_tol < 0:
+        raise ValueError(f"rank_tol must be >= 0, got {rank_tol}")
+    if compute_dtype not in (torch.float32, torch.float64):
+        raise ValueError("compute_dtype must be torch.float32 or torch.float64")
+    stack = _stack(deltas, compute_dtype)
+    if stack.dim() != 3:
+        raise ValueError(f"expected N matrices, got a stack of shape {tuple(stack.shape)}")
+    n_models = stack.shape[0]
+    weights_t = _weights(weights, n_models, stack)
+    if direction == "vertical":
+        stack = stack.transpose(1, 2)
+    merged = _merge_shared_left_basis(
+        stack,
+        weights_t,
+        density=density,
+        rank_tol=rank_tol,
+        renorm=renorm,
+        sign_election=sign_election,
+        disjoint=disjoint,
+        svd=svd,
+    )
+    if direction == "vertical":
+        merged = merged.T
+    if scale != 1.0:
+        merged = merged * scale
+    return merged
+
+
+def elementwise_merge(
+    deltas: Sequence[torch.Tensor] | torch.Tensor,
+    weights: Sequence[float] | torch.Tensor | None = None,
+    *,
+    density: float = 1.0,
+    sign_election: bool = True,
+    disjoint: bool = True,
+    scale: float = 1.0,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """DRM's path for tensors outside the SVD: trim, elect, weight, disjoint mean.
+
+    The trim keeps ``density`` of each model's entries of *this tensor* by
+    magnitude (the reference trims over all of a model's non-matrix tensors at
+    once, which a per-tensor merge cannot see; its default, no trim, matches).
+    """
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    stack = _stack(deltas, compute_dtype)
+    weights_t = _weights(weights, stack.shape[0], stack)
+    if density < 1:
+        for index in range(stack.shape[0]):
+            stack[index].mul_(keep_top_magnitude(stack[index], density))
+    merged = elect_and_mean(
+        stack, weights_t, sign_election=sign_election, disjoint=disjoint
+    )
+    if scale != 1.0:
+        merged = merged * scale
+    return merged
+
+
+def _stack(deltas, compute_dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(deltas, torch.Tensor):
+        return deltas.to(compute_dtype, copy=True)
+    deltas = list(deltas)
+    if not deltas:
+        raise ValueError("at least one delta is needed")
+    out = torch.empty(
+        (len(deltas),) + tuple(deltas[0].shape),
+        dtype=compute_dtype,
+        device=deltas[0].device,
+    )
+    for index, delta in enumerate(deltas):
+        out[index].copy_(delta)
+    return out
+
+
+def _weights(weights, n_models: int, like: torch.Tensor) -> torch.Tensor:
+    if weights is None:
+        return like.new_ones(n_models)
+    weights_t = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
+    if weights_t.shape != (n_models,):
+        raise ValueError(f"expected {n_models} weights, got {tuple(weights_t.shape)}")
+    return weights_t
