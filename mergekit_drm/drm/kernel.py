@@ -199,7 +199,7 @@ def elementwise_merge(
     deltas: Sequence[torch.Tensor] | torch.Tensor,
     weights: Sequence[float] | torch.Tensor | None = None,
     *,
-    density: float = 1.0,
+    density: float | Sequence[float] = 1.0,
     sign_election: bool = True,
     disjoint: bool = True,
     scale: float = 1.0,
@@ -207,17 +207,22 @@ def elementwise_merge(
 ) -> torch.Tensor:
     """DRM's path for tensors outside the SVD: trim, elect, weight, disjoint mean.
 
-    The trim keeps ``density`` of each model's entries of *this tensor* by
-    magnitude (the reference trims over all of a model's non-matrix tensors at
-    once, which a per-tensor merge cannot see; its default, no trim, matches).
+    The trim keeps ``density`` (one value, or one per model) of each model's
+    entries of *this tensor* by magnitude. The reference trims over all of a
+    model's non-matrix tensors at once, which a per-tensor merge cannot see;
+    its default, no trim, is reproduced exactly.
     """
-    if not 0 < density <= 1:
-        raise ValueError(f"density must be in (0, 1], got {density}")
     stack = _stack(deltas, compute_dtype)
-    weights_t = _weights(weights, stack.shape[0], stack)
-    if density < 1:
-        for index in range(stack.shape[0]):
-            stack[index].mul_(keep_top_magnitude(stack[index], density))
+    n_models = stack.shape[0]
+    weights_t = _weights(weights, n_models, stack)
+    densities = [density] * n_models if isinstance(density, (int, float)) else list(density)
+    if len(densities) != n_models:
+        raise ValueError(f"expected {n_models} densities, got {len(densities)}")
+    for index, value in enumerate(densities):
+        if not 0 < value <= 1:
+            raise ValueError(f"density must be in (0, 1], got {value}")
+        if value < 1:
+            stack[index].mul_(keep_top_magnitude(stack[index], value))
     merged = elect_and_mean(
         stack, weights_t, sign_election=sign_election, disjoint=disjoint
     )

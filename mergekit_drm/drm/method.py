@@ -1,0 +1,228 @@
+"""The ``drm`` merge method: mergekit adapter around ``kernel.py``.
+
+mergekit calls ``merge_group`` once per output tensor with the base and the
+fine-tuned tensors. This module decides which path a tensor takes (joint SVD
+or elementwise), undoes storage quirks (Conv1D transposition, fused
+projections) using ``architectures.py``, and validates parameters and inputs
+at planning time so that bad input fails before anything is written.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, Optional, Sequence
+
+import torch
+from pydantic import AfterValidator
+from typing_extensions import Annotated, Literal
+
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    GroupMergeMethod,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    TensorGroup,
+)
+from mergekit_drm.architectures import matrix_layout
+from mergekit_drm.drm.kernel import drm_merge_matrix, elementwise_merge
+from mergekit_drm.preflight import check_same_shapes, model_config
+
+PRETTY_NAME = "DRM"
+REFERENCE_URL = "https://arxiv.org/abs/2505.23117"
+
+
+def _fraction(name: str, meaning: str):
+    def check(value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError(
+                f"drm parameter `{name}` must be in (0, 1] ({meaning}); got {value}"
+            )
+        return value
+
+    return Annotated[float, AfterValidator(check)]
+
+
+def _non_negative(name: str, meaning: str):
+    def check(value: float) -> float:
+        if value < 0:
+            raise ValueError(
+                f"drm parameter `{name}` must be >= 0 ({meaning}); got {value}"
+            )
+        return value
+
+    return Annotated[float, AfterValidator(check)]
+
+
+def _choice(name: str, options: Sequence[str]):
+    def check(value: str) -> str:
+        if value not in options:
+            raise ValueError(
+                f"drm parameter `{name}` must be one of {', '.join(options)}; "
+                f"got {value!r}"
+            )
+        return value
+
+    return Annotated[str, AfterValidator(check)]
+
+
+DIRECTIONS = ("vertical", "horizontal")
+SVD_MODES = ("auto", "full", "gram")
+COMPUTE_DTYPES = ("float32", "float64")
+
+PARAMETERS = (
+    ParameterSpec(
+        "weight", float, ParameterScope.NON_BASE, default=1.0,
+        description="per-model coefficient, applied after sign election",
+    ),
+    ParameterSpec(
+        "density",
+        _fraction("density", "fraction of joint-space coordinates kept, jointly over all models"),
+        ParameterScope.NON_BASE,
+        default=0.2,
+        description="fraction of renormalized coordinates kept (paper: drop rate 0.8)",
+    ),
+    ParameterSpec(
+        "direction", _choice("direction", DIRECTIONS), ParameterScope.SHARED,
+        default="vertical",
+        description="vertical = DRM-V (shared input basis), horizontal = DRM-H",
+    ),
+    ParameterSpec(
+        "rank_tol",
+        _non_negative("rank_tol", "singular values below rank_tol * sigma_max are dropped"),
+        ParameterScope.SHARED,
+        default=0.01,
+    ),
+    ParameterSpec(
+        "nonlinear_density",
+        _fraction("nonlinear_density", "fraction of each model's entries kept on the elementwise path"),
+        ParameterScope.NON_BASE,
+        default=1.0,
+    ),
+    ParameterSpec("lambda", float, ParameterScope.SHARED, default=1.0),
+    ParameterSpec("renorm", bool, ParameterScope.SHARED, default=True),
+    ParameterSpec("sign_election", bool, ParameterScope.SHARED, default=True),
+    ParameterSpec("disjoint", bool, ParameterScope.SHARED, default=True),
+    ParameterSpec(
+        "decompose", bool, ParameterScope.SHARED, default=True,
+        description="false sends a tensor (use a filter) to the elementwise path",
+    ),
+    ParameterSpec("svd", _choice("svd", SVD_MODES), ParameterScope.SHARED, default="auto"),
+    ParameterSpec(
+        "compute_dtype", _choice("compute_dtype", COMPUTE_DTYPES),
+        ParameterScope.SHARED, default="float32",
+    ),
+)
+
+
+class DRMMerge(GroupMergeMethod):
+    """Decom-Renorm-Merge as a mergekit group method."""
+
+    spec = MergeMethodSpec(
+        name="drm",
+        pretty_name=PRETTY_NAME,
+        reference_url=REFERENCE_URL,
+        parameters=PARAMETERS,
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+    )
+
+    def validate_inputs(
+        self,
+        input_ids: Sequence[Hashable],
+        base_id: Optional[Hashable] = None,
+        *,
+        group_name: Optional[str] = None,
+    ) -> None:
+        where = f" (for {group_name})" if group_name else ""
+        if base_id is None or base_id not in input_ids:
+            raise ValueError(
+                "drm merges task vectors (fine-tuned minus base), so it needs the "
+                f"model the fine-tunes started from{where}: add `base_model: <path>` "
+                "to the YAML."
+            )
+        if len(input_ids) < 2:
+            raise ValueError(
+                f"drm needs at least one model besides the base model{where}: list "
+                "the fine-tuned models under `models:`."
+            )
+        super().validate_inputs(input_ids, base_id, group_name=group_name)
+        if group_name:
+            check_same_shapes(group_name, input_ids)
+
+    def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
+        base = group.base.tensor
+        entries = group.non_base
+        name = group.metadata.name or "<tensor>"
+        densities = {params["density"][entry.id] for entry in entries}
+        if len(densities) > 1:
+            raise ValueError(
+                f"drm prunes jointly over all models, so `density` must be one value "
+                f"for {name}; got {sorted(densities)}. Set it once under `parameters:`."
+            )
+        compute_dtype = getattr(torch, params["compute_dtype"])
+        weights = [params["weight"][entry.id] for entry in entries]
+        base_c = base.to(compute_dtype)
+        deltas = torch.empty(
+            (len(entries),) + tuple(base.shape), dtype=compute_dtype, device=base.device
+        )
+        for index, entry in enumerate(entries):
+            torch.sub(entry.tensor.to(compute_dtype), base_c, out=deltas[index])
+
+        decompose = (
+            params["decompose"]
+            and group.metadata.vocabulary_axis is None
+            and base.dim() >= 2
+        )
+        if decompose:
+            merged = self._merge_matrix(
+                deltas, weights, name, group, densities.pop(), params, compute_dtype
+            )
+        else:
+            merged = elementwise_merge(
+                deltas,
+                weights,
+                density=[params["nonlinear_density"][e.id] for e in entries],
+                sign_election=params["sign_election"],
+                disjoint=params["disjoint"],
+                compute_dtype=compute_dtype,
+            )
+        del deltas
+        merged.mul_(params["lambda"]).add_(base_c)
+        return merged.to(base.dtype)
+
+    def _merge_matrix(self, deltas, weights, name, group, density, params, compute_dtype):
+        config = model_config(group.base.id)
+        model_type = getattr(config, "model_type", None) if config is not None else None
+        layout = matrix_layout(name, model_type, config, tuple(deltas.shape[1:]))
+        stored_shape = deltas.shape[1:]
+        if layout.transposed:
+            deltas = deltas.transpose(1, 2)
+        linear_shape = deltas.shape[1:]
+        # Tensors of more than two dimensions are merged as (out, rest).
+        matrices = deltas.reshape(deltas.shape[0], linear_shape[0], -1)
+        kwargs = dict(
+            direction=params["direction"],
+            density=density,
+            rank_tol=params["rank_tol"],
+            renorm=params["renorm"],
+            sign_election=params["sign_election"],
+            disjoint=params["disjoint"],
+            compute_dtype=compute_dtype,
+            svd=params["svd"],
+        )
+        if layout.parts is None:
+            merged = drm_merge_matrix(matrices, weights, **kwargs)
+        else:
+            merged = matrices.new_empty(matrices.shape[1:])
+            for _, rows in layout.parts:
+                rows = rows.to(matrices.device)
+                merged[rows] = drm_merge_matrix(
+                    matrices.index_select(1, rows), weights, **kwargs
+                )
+        merged = merged.reshape(linear_shape)
+        if layout.transposed:
+            merged = merged.T
+        return merged.reshape(stored_shape).contiguous()
+
+
+drm_merge_method = DRMMerge()
