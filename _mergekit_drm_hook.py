@@ -1,0 +1,129 @@
+"""Registers mergekit-drm's merge methods whenever mergekit loads its registry.
+
+mergekit 0.1.5 has no plugin discovery, so plain ``mergekit-yaml`` (and any
+worker process it spawns) would never see ``merge_method: drm``. The installed
+``mergekit_drm.pth`` imports this module at every interpreter start, so it must
+cost next to nothing: it imports only ``sys`` and never torch, mergekit or
+mergekit_drm (whose ``__init__`` imports both). It only puts a finder at the
+front of ``sys.meta_path`` that waits for ``mergekit.merge_methods`` and, once
+that module has finished executing, calls ``mergekit_drm.register_methods()``.
+It lives at the top level of site-packages, outside the package, for the same
+reason: importing anything inside ``mergekit_drm`` runs its ``__init__``.
+"""
+
+import sys
+
+_TARGET = "mergekit.merge_methods"
+
+
+def _register():
+    try:
+        import mergekit_drm
+    except ModuleNotFoundError as exc:
+        # The package was uninstalled but this file and its .pth were left
+        # behind: nothing to register, and nothing worth a warning.
+        if exc.name == "mergekit_drm":
+            return
+        _warn(exc)
+        return
+    except Exception as exc:
+        _warn(exc)
+        return
+    try:
+        mergekit_drm.register_methods()
+    except Exception as exc:
+        _warn(exc)
+
+
+def _warn(exc):
+    # A broken plugin must not break mergekit's other methods, but it must not
+    # fail silently either: `merge_method: drm` would then be "Unimplemented".
+    import warnings
+
+    warnings.warn(
+        f"mergekit-drm: could not register its merge methods with mergekit "
+        f"({type(exc).__name__}: {exc}); `merge_method: drm` is unavailable",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+class _Loader:
+    """Runs the real loader, then registers; delegates everything else."""
+
+    _loader = None  # keeps __getattr__ from recursing on a half-built copy
+
+    def __init__(self, loader, finder):
+        self._loader = loader
+        self._finder = finder
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        try:
+            self._loader.exec_module(module)
+        except BaseException:
+            # The import failed and may be retried from scratch: wait for it.
+            self._finder.armed = True
+            raise
+        finally:
+            # Hand the module back its own loader so nothing of ours stays
+            # visible (reload, importlib.resources, isinstance checks).
+            if getattr(module, "__loader__", None) is self:
+                module.__loader__ = self._loader
+            spec = getattr(module, "__spec__", None)
+            if spec is not None and spec.loader is self:
+                spec.loader = self._loader
+        _register()
+
+
+class _Finder:
+    """Meta path finder that fires once for ``mergekit.merge_methods``.
+
+    After firing it stays in ``sys.meta_path`` but inert: removing it would
+    shift the list under another thread's import that is iterating it, which
+    could then skip a finder.
+    """
+
+    armed = True
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _TARGET or not self.armed:
+            return None
+        self.armed = False
+        # Delegate to whichever finder would have handled the import without
+        # us (PathFinder, an editable-install finder, ...), in their order.
+        for finder in tuple(sys.meta_path):
+            find_spec = getattr(finder, "find_spec", None)
+            if finder is self or find_spec is None:
+                continue
+            spec = find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            # Namespace package or legacy loader: nothing we can wrap safely.
+            return spec
+        spec.loader = _Loader(spec.loader, self)
+        return spec
+
+
+def install():
+    """Install the finder, or register at once if mergekit is loaded already."""
+    module = sys.modules.get(_TARGET)
+    if module is not None:
+        if not getattr(getattr(module, "__spec__", None), "_initializing", False):
+            _register()
+        # Mid-import (a thread importing it right now): our finder would come
+        # too late; that import's caller can `import mergekit_drm` itself.
+        return
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())
+
+
+install()

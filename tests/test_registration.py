@@ -1,0 +1,188 @@
+"""Registration of `drm` in mergekit's registry, explicit and through the hook.
+
+The subprocess tests run the interpreter this suite runs under, so they need
+the package *installed* in it (`pip install -e .` or `pip install .`): the
+hook lives in site-packages (`mergekit_drm.pth` + `_mergekit_drm_hook.py`),
+not in the source tree. They run from a temporary directory so that the
+checkout on the current directory cannot stand in for the installed package.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+TARGET = "mergekit.merge_methods"
+NOT_INSTALLED = (
+    "the .pth hook is not installed in this interpreter's site-packages; "
+    "install the package (`pip install -e '.[test]'`) before running the tests"
+)
+
+
+def run_python(args, cwd, check=True):
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def run_code(code, cwd, *flags):
+    return run_python([*flags, "-c", textwrap.dedent(code)], cwd).stdout.split()
+
+
+def test_explicit_registration_is_idempotent():
+    import mergekit_drm
+    from mergekit import merge_methods
+
+    importlib.reload(mergekit_drm)  # runs __init__ (and its registration) again
+    mergekit_drm.register_methods()
+    mergekit_drm.register_methods()
+
+    method = merge_methods.get("drm")
+    assert method.spec.name == "drm"
+    assert method.spec.pretty_name == "DRM"
+    assert method.spec.reference_url == "https://arxiv.org/abs/2505.23117"
+    names = [m.spec.name for m in merge_methods.registered_methods()]
+    assert names.count("drm") == 1
+
+
+def test_hook_registers_without_importing_the_package(tmp_path):
+    out = run_code(
+        f"""
+        import sys
+        assert "mergekit_drm" not in sys.modules
+        import mergekit.merge_methods as m
+        print(m.get("drm").spec.name)
+        # Fired once, then inert; the module keeps its own loader.
+        from _mergekit_drm_hook import _Finder
+        print([f.armed for f in sys.meta_path if isinstance(f, _Finder)])
+        mod = sys.modules["{TARGET}"]
+        print(type(mod.__loader__).__name__, mod.__spec__.loader is mod.__loader__)
+        """,
+        tmp_path,
+    )
+    assert out == ["drm", "[False]", "SourceFileLoader", "True"], NOT_INSTALLED
+
+
+def test_hook_is_lazy(tmp_path):
+    out = run_code(
+        """
+        import sys
+        print("torch" in sys.modules, "mergekit" in sys.modules,
+              "mergekit_drm" in sys.modules, "_mergekit_drm_hook" in sys.modules)
+        """,
+        tmp_path,
+    )
+    assert out == ["False", "False", "False", "True"], NOT_INSTALLED
+
+
+def test_hook_startup_cost(tmp_path):
+    """Not a benchmark: a generous bound that catches an eager import."""
+    proc = run_python(["-X", "importtime", "-c", "pass"], tmp_path)
+    match = re.search(r"import time:\s*(\d+)\s*\|\s*(\d+)\s*\|\s*_mergekit_drm_hook$",
+                      proc.stderr, re.M)
+    assert match, NOT_INSTALLED
+    cumulative_us = int(match.group(2))
+    print(f"_mergekit_drm_hook import at start-up: {cumulative_us / 1000:.2f} ms")
+    assert cumulative_us < 20_000
+
+
+def test_hook_registers_at_once_if_mergekit_is_already_loaded(tmp_path):
+    # -S: no .pth processing at start; import mergekit first, then let `site`
+    # process the .pth files (the hook among them) by hand.
+    import _mergekit_drm_hook
+
+    site_dir = os.path.dirname(_mergekit_drm_hook.__file__)
+    out = run_code(
+        f"""
+        import site, sys
+        paths = [{site_dir!r}]
+        sys.path.extend(paths)
+        import mergekit.merge_methods as m
+        assert "_mergekit_drm_hook" not in sys.modules
+        for p in paths:
+            site.addsitedir(p)
+        print([x.spec.name for x in m.registered_methods()].count("drm"))
+        """,
+        tmp_path,
+        "-S",
+    )
+    assert out == ["1"], NOT_INSTALLED
+
+
+def test_hook_delegates_to_other_finders(tmp_path):
+    out = run_code(
+        f"""
+        import importlib.machinery, sys
+        calls = []
+        class Spy:
+            def find_spec(self, name, path, target=None):
+                if name == "{TARGET}":
+                    calls.append(name)
+                    return importlib.machinery.PathFinder.find_spec(name, path, target)
+                return None
+        sys.meta_path.insert(1, Spy())  # behind the hook
+        import mergekit.merge_methods as m
+        print(len(calls), m.get("drm").spec.name)
+        """,
+        tmp_path,
+    )
+    assert out == ["1", "drm"], NOT_INSTALLED
+
+
+def test_stale_hook_without_package_is_a_silent_no_op(tmp_path):
+    # As if mergekit_drm had been removed but the .pth and hook left behind.
+    out = run_code(
+        """
+        import sys, warnings
+        warnings.simplefilter("error")
+        sys.modules["mergekit_drm"] = None
+        import mergekit.merge_methods as m
+        print([x.spec.name for x in m.registered_methods()].count("drm"))
+        """,
+        tmp_path,
+    )
+    assert out == ["0"], NOT_INSTALLED
+
+
+def test_hook_warns_on_other_failures(monkeypatch):
+    import _mergekit_drm_hook
+    import mergekit_drm
+
+    def broken():
+        raise ValueError("boom")
+
+    monkeypatch.setattr(mergekit_drm, "register_methods", broken)
+    with pytest.warns(RuntimeWarning, match=r"mergekit-drm.*ValueError: boom"):
+        _mergekit_drm_hook._register()
+
+    monkeypatch.undo()
+    # An ImportError from inside the package is a failure too, not a no-op.
+    monkeypatch.setitem(sys.modules, "mergekit_drm.drm.method", None)
+    with pytest.warns(RuntimeWarning, match=r"ModuleNotFoundError.*mergekit_drm\.drm\.method"):
+        _mergekit_drm_hook._register()
+
+
+def test_entry_point(tmp_path):
+    out = run_code(
+        """
+        from importlib.metadata import entry_points
+        eps = entry_points(group="mergekit.merge_methods")
+        print(sorted(ep.name for ep in eps))
+        method = eps["drm"].load()
+        import mergekit.merge_methods as m
+        print(method.spec.name, m.get("drm") is method)
+        """,
+        tmp_path,
+    )
+    assert out == ["['drm']", "drm", "True"]
