@@ -68,7 +68,7 @@ def elect_and_mean(
 ) -> torch.Tensor:
     """TIES-style sign election, then weights, then the (disjoint) mean.
 
-    ``contributions`` is (N, ...). The election uses the *unweighted* values
+    ``contributions`` is (N, ...) and is overwritten. The election uses the *unweighted* values
     (sign of the sum, i.e. "mass"); an exact tie takes the tensor-wide
     majority of elected signs, and a tie there too takes +. Weights multiply
     after the election; the disjoint mean divides by the number of models
@@ -81,14 +81,18 @@ def elect_and_mean(
         if majority == 0:
             majority = torch.ones_like(majority)
         elected = torch.where(elected == 0, majority, elected)
-        contributions = contributions * (torch.sign(contributions) == elected)
+        # Keep entries agreeing with the elected sign (zeros stay zero). One
+        # N-sized temporary instead of sign/compare/multiply copies.
+        agree = torch.mul(contributions, elected).gt_(0)
+        contributions = contributions.mul_(agree)
+        del agree
     shape = (n_models,) + (1,) * (contributions.dim() - 1)
-    weighted = contributions * weights.to(contributions).reshape(shape)
+    weighted = contributions.mul_(weights.to(contributions).reshape(shape))
     total = weighted.sum(dim=0)
     if disjoint:
         count = (weighted != 0).sum(dim=0).clamp_min(1)
-        return total / count
-    return total / n_models
+        return total.div_(count)
+    return total.div_(n_models)
 
 
 def _negligible_share(dtype: torch.dtype) -> float:
@@ -154,7 +158,7 @@ def drm_merge_matrix(
     disjoint: bool = True,
     scale: float = 1.0,
     compute_dtype: torch.dtype = torch.float32,
-    svd: SvdMode = "full",
+    svd: SvdMode = "auto",
 ) -> torch.Tensor:
     """Merge N task vectors of one (n, m) matrix with DRM; return the merged delta.
 
@@ -171,7 +175,8 @@ def drm_merge_matrix(
         raise ValueError(f"rank_tol must be >= 0, got {rank_tol}")
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError("compute_dtype must be torch.float32 or torch.float64")
-    stack = _stack(deltas, compute_dtype)
+    # Read-only below: the factorization never writes to the stack.
+    stack = _stack(deltas, compute_dtype, writable=False)
     if stack.dim() != 3:
         raise ValueError(f"expected N matrices, got a stack of shape {tuple(stack.shape)}")
     n_models = stack.shape[0]
@@ -212,7 +217,7 @@ def elementwise_merge(
     model's non-matrix tensors at once, which a per-tensor merge cannot see;
     its default, no trim, is reproduced exactly.
     """
-    stack = _stack(deltas, compute_dtype)
+    stack = _stack(deltas, compute_dtype, writable=True)
     n_models = stack.shape[0]
     weights_t = _weights(weights, n_models, stack)
     densities = [density] * n_models if isinstance(density, (int, float)) else list(density)
@@ -231,9 +236,12 @@ def elementwise_merge(
     return merged
 
 
-def _stack(deltas, compute_dtype: torch.dtype) -> torch.Tensor:
+def _stack(deltas, compute_dtype: torch.dtype, *, writable: bool) -> torch.Tensor:
+    """One (N, ...) tensor in ``compute_dtype``; copies only when needed."""
     if isinstance(deltas, torch.Tensor):
-        return deltas.to(compute_dtype, copy=True)
+        if writable or deltas.dtype != compute_dtype:
+            return deltas.to(compute_dtype, copy=True)
+        return deltas
     deltas = list(deltas)
     if not deltas:
         raise ValueError("at least one delta is needed")
