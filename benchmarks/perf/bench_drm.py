@@ -1,0 +1,250 @@
+"""DRM speed and memory: kernel routes per shape, and whole merges vs ties.
+
+Part 1 times the DRM kernel (one matrix, N fine-tunes) by decomposition
+route (``full`` SVD vs the default ``auto`` Gram route) on LLM-shaped
+matrices, and reports agreement: float64 routes against each other, and the
+float32 routes against the float64 result next to each other.
+
+Part 2 generates a Llama checkpoint and dense fine-tunes and runs
+``mergekit-yaml`` (as a user would) for drm (vertical, horizontal), ties and
+task_arithmetic, reporting median wall time and peak RSS over repeated runs,
+side by side in one run.
+
+    python -m benchmarks.perf.bench_drm            # full: ~30-60 min on 2 cores
+    python -m benchmarks.perf.bench_drm --quick    # CI-sized smoke run
+
+Writes ``benchmarks/results/perf.md`` (``perf-quick.md`` with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from mergekit_drm.drm.kernel import drm_merge_matrix
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def finetune_like(n_models: int, rows: int, cols: int, seed: int, dtype=torch.float32):
+    """Task vectors with a decaying spectrum plus dense noise, like real deltas."""
+    gen = torch.Generator().manual_seed(seed)
+    k = min(rows, cols)
+    out = torch.empty((n_models, rows, cols), dtype=dtype)
+    for t in range(n_models):
+        left = torch.randn(rows, k, generator=gen)
+        right = torch.randn(k, cols, generator=gen)
+        spectrum = torch.exp(-torch.arange(k, dtype=torch.float32) / (k / 8))
+        delta = (left * spectrum) @ right / (rows * cols) ** 0.5
+        delta += 0.02 * torch.randn(rows, cols, generator=gen) / (rows * cols) ** 0.25
+        out[t] = delta.to(dtype)
+    return out
+
+
+def _time(fn, reps: int):
+    times = []
+    result = None
+    for _ in range(reps):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def kernel_table(shapes, counts, reps: int, lines):
+    lines.append("| shape (out x in) | N | direction | full SVD s | auto s | speedup | f64 auto vs full | f32 full vs f64 | f32 auto vs f64 |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for rows, cols in shapes:
+        for n_models in counts:
+            deltas = finetune_like(n_models, rows, cols, seed=rows + cols + n_models)
+            d64 = deltas.double()
+            for direction in ("vertical", "horizontal"):
+                kw = dict(direction=direction, density=0.2)
+                t_full, r_full = _time(lambda: drm_merge_matrix(deltas, svd="full", **kw), reps)
+                t_auto, r_auto = _time(lambda: drm_merge_matrix(deltas, svd="auto", **kw), reps)
+                ref = drm_merge_matrix(d64, svd="full", compute_dtype=torch.float64, **kw)
+                fast64 = drm_merge_matrix(d64, svd="auto", compute_dtype=torch.float64, **kw)
+                row = (
+                    f"| {rows}x{cols} | {n_models} | {direction} | {t_full:.2f} | {t_auto:.2f} | "
+                    f"{t_full / t_auto:.1f}x | {_rel(fast64, ref):.1e} | {_rel(r_full, ref):.1e} | "
+                    f"{_rel(r_auto, ref):.1e} |"
+                )
+                lines.append(row)
+                print(row, flush=True)
+                del ref, fast64, r_full, r_auto
+            del deltas, d64
+
+
+def build_llama(root: str, hidden: int, intermediate: int, layers: int, vocab: int, n_ft: int):
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    config = transformers.LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128),
+        vocab_size=vocab, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    base = os.path.join(root, "base")
+    transformers.LlamaForCausalLM(config).save_pretrained(base)
+    state = load_file(os.path.join(base, "model.safetensors"))
+    paths = [base]
+    for index in range(n_ft):
+        gen = torch.Generator().manual_seed(index + 1)
+        tuned = {}
+        for name, tensor in state.items():
+            if tensor.dim() == 2 and "embed" not in name and "lm_head" not in name:
+                delta = finetune_like(1, *tensor.shape, seed=1000 * index + hash(name) % 997)[0]
+            else:
+                delta = 0.01 * torch.randn(tensor.shape, generator=gen) * tensor.std()
+            tuned[name] = tensor + delta * tensor.std() * 10
+        path = os.path.join(root, f"ft{index}")
+        shutil.copytree(base, path, ignore=shutil.ignore_patterns("*.safetensors"))
+        save_file(tuned, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        paths.append(path)
+    return paths
+
+
+METHODS = {
+    "drm (vertical)": ("drm", {"direction": "vertical", "density": 0.2}, {}),
+    "drm (horizontal)": ("drm", {"direction": "horizontal", "density": 0.2}, {}),
+    "ties": ("ties", {}, {"density": 0.2, "weight": 1.0}),
+    "task_arithmetic": ("task_arithmetic", {}, {"weight": 1.0}),
+}
+
+
+def run_merge_measured(config_path: str, out: str):
+    """Wall time and peak RSS (KiB) of one `mergekit-yaml` process."""
+    exe = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    proc = subprocess.run(
+        ["/usr/bin/time", "-f", "%M", exe, config_path, out, "--no-copy-tokenizer",
+         "--no-write-model-card"],
+        capture_output=True, text=True,
+    )
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    peak_kib = int(proc.stderr.strip().splitlines()[-1])
+    shutil.rmtree(out, ignore_errors=True)
+    return wall, peak_kib
+
+
+def merge_table(paths, runs: int, lines, workdir: str):
+    import yaml
+
+    base, *fts = paths
+    results = {}
+    for label, (method, shared, per_model) in METHODS.items():
+        config = {
+            "merge_method": method,
+            "base_model": base,
+            "models": [{"model": p, **({"parameters": per_model} if per_model else {})} for p in fts],
+            "dtype": "float32",
+        }
+        if shared:
+            config["parameters"] = shared
+        path = os.path.join(workdir, f"{method}-{shared.get('direction', 'x')}.yml")
+        with open(path, "w") as handle:
+            yaml.safe_dump(config, handle)
+        results[label] = (path, [])
+    # Interleave methods so machine load affects all of them alike.
+    for run in range(runs):
+        for label, (path, samples) in results.items():
+            samples.append(run_merge_measured(path, os.path.join(workdir, "out")))
+            print(f"run {run + 1}/{runs} {label}: {samples[-1][0]:.1f} s, "
+                  f"{samples[-1][1] / 1024:.0f} MiB", flush=True)
+    ties_wall = statistics.median(w for w, _ in results["ties"][1])
+    ties_rss = statistics.median(m for _, m in results["ties"][1])
+    lines.append("| method | median wall s | runs (s) | / ties | median peak RSS MiB | / ties |")
+    lines.append("|---|---|---|---|---|---|")
+    for label, (_, samples) in results.items():
+        wall = statistics.median(w for w, _ in samples)
+        rss = statistics.median(m for _, m in samples)
+        runs_txt = ", ".join(f"{w:.1f}" for w, _ in samples)
+        lines.append(
+            f"| {label} | {wall:.1f} | {runs_txt} | {wall / ties_wall:.2f} | "
+            f"{rss / 1024:.0f} | {rss / ties_rss:.2f} |"
+        )
+
+
+def machine() -> str:
+    import mergekit
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM; "
+        f"Python {platform.python_version()}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), mergekit {getattr(mergekit, '__version__', '0.1.5')}; "
+        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}"
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, one run: a smoke test")
+    parser.add_argument("--skip-kernel", action="store_true")
+    parser.add_argument("--skip-merge", action="store_true")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="device for the kernel table (cuda if available)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.device != "cpu":
+        torch.set_default_device(args.device)
+    started = time.time()
+    lines = ["# DRM performance", "", f"Machine: {machine()}", ""]
+    if args.quick:
+        shapes, counts, reps, runs = [(256, 256), (896, 256), (256, 896)], [2, 3], 1, 1
+        model = dict(hidden=256, intermediate=704, layers=2, vocab=1000, n_ft=3)
+    else:
+        # The real shapes (4096x4096, 14336x4096, 4096x14336) at 1/4 width,
+        # same aspect ratios: the full N=5 stacks do not fit this machine's
+        # time budget (a 71680x4096 SVD alone takes many minutes on 2 cores).
+        shapes, counts, reps, runs = [(1024, 1024), (3584, 1024), (1024, 3584)], [2, 3, 5], 3, args.runs
+        model = dict(hidden=1024, intermediate=2816, layers=8, vocab=32000, n_ft=3)
+    if not args.skip_kernel:
+        lines += ["## Kernel, one matrix, density 0.2, rank_tol 0.01 (median of "
+                  f"{reps}; relative Frobenius differences of the merged delta)", ""]
+        kernel_table(shapes, counts, reps, lines)
+        lines.append("")
+    if not args.skip_merge:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+            print("building the benchmark model ...", flush=True)
+            paths = build_llama(tmp, **model)
+            lines += [
+                f"## Whole merge with mergekit-yaml: Llama, hidden {model['hidden']}, "
+                f"intermediate {model['intermediate']}, {model['layers']} layers, vocab "
+                f"{model['vocab']}, {model['n_ft']} dense fine-tunes, float32 "
+                f"({runs} runs each, interleaved; peak RSS from /usr/bin/time)",
+                "",
+            ]
+            merge_table(paths, runs, lines, tmp)
+            lines.append("")
+    lines.append(f"Total benchmark time: {time.time() - started:.0f} s.")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = args.out or os.path.join(
+        ROOT, "benchmarks", "results", "perf-quick.md" if args.quick else "perf.md"
+    )
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as handle:
+        handle.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
