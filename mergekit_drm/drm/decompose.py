@@ -5,33 +5,22 @@ of N deltas (p, q) sharing the left basis, the matrix is A = [D_1 | ... | D_N]
 (p x N*q). Routes:
 
 * ``full``: ``torch.linalg.svd`` of A (the reference's route).
-* ``gram``: symmetric eigendecomposition of the Gram matrix of A's short side,
-  built by GEMMs without ever forming A: sum_t D_t D_t^T (p x p) when
-  p <= N*q, else the N*q x N*q matrix of blocks D_s^T D_t. The other factor
-  costs one GEMM per model. An SVD of an a x b matrix (a >= b) costs several
-  times a*b^2 flops plus b^3-sized bidiagonal work; the Gram route costs
-  N GEMMs (a*b^2) plus one b x b ``eigh``, measured 2-4x cheaper on CPU.
-* ``auto``: the Gram route in the cheapest dtype that resolves the kept
-  spectrum, else the full SVD.
+* ``left`` Gram: ``eigh`` of sum_t D_t D_t^T (p x p), built by N GEMMs without
+  forming A; its eigenvectors are the basis.
+* ``right`` Gram: ``eigh`` of A^T A (N*q x N*q, blocks D_s^T D_t); the basis is
+  A V / sigma.
 
-Accuracy of the Gram route: squaring A squares its condition number. Over the
-kept spectrum (sigma_j >= rank_tol * sigma_max) the relative error of sigma_j^2
-is about eps * (sigma_max / sigma_j)^2 <= eps / rank_tol^2. ``auto`` builds the
-Gram matrix in float32 only when that bound is small (float32 compute and
-rank_tol >= ~0.01: <= 1.2e-3 on sigma^2 of the smallest kept direction, the
-same order as a float32 SVD's own basis noise inside near-degenerate singular
-subspaces, which dominates DRM's float32 error), in float64 when it is not,
-and falls back to the full SVD when even float64 cannot resolve the cut
-(rank_tol < ~1e-5, e.g. 0 = numerical rank).
+Gram matrices are accumulated and decomposed in float64 (see
+``choose_route`` for why not float32). Squaring A squares its condition
+number: over the kept spectrum the relative error of sigma_j^2 is about
+eps / rank_tol^2, 2e-12 at the default cut; below rank_tol ~1e-5 (e.g. 0 =
+numerical rank) float64 cannot resolve the cut and the full SVD is used.
 
-No per-matrix "near the cut" retry: with dense fine-tune spectra some
-singular value always lies within float32's error of the cut (measured: a
-retry band of a few eps * lambda_max caught nearly every large matrix and
-doubled the cost), and whether that one direction (worth rank_tol of the
-largest) is kept moves the merged delta less than float32's own basis noise,
-which a float32 SVD has too (see benchmarks/results/perf.md: both float32
-routes differ from float64 by ~1e-3..1e-2, DRM's pruning and election being
-discrete decisions).
+``auto`` (default) picks the cheapest of full / left / right by a flop-count
+cost model calibrated on this CPU (``route_costs``); ``gram`` forces a Gram
+route on the short side. Whatever the route, the per-model coordinates are
+computed by projecting the deltas on the basis (``project``), which keeps
+exact zeros exact.
 """
 
 from __future__ import annotations
@@ -61,24 +50,61 @@ def _gram_error(dtype: torch.dtype, tol: float) -> float:
     return torch.finfo(dtype).eps / max(tol, 1e-300) ** 2
 
 
+# Rough CPU cost constants (seconds per flop-ish unit), measured with torch
+# 2.13 on 2 cores: eigh(2816) float32 1.1 s; svd(3072 x 2816) float32 3.6 s;
+# float32 GEMM ~1e11 flop/s. float64 costs about 2.2x. Only ratios matter.
+_C_EIGH, _C_SVD, _C_GEMM = 4.9e-11, 7.7e-11, 1e-11
+
+
+def route_costs(p: int, width: int, dtype: torch.dtype) -> dict:
+    """Estimated cost of each route for A = p x width (width = N*q)."""
+    a, b = max(p, width), min(p, width)
+    f64 = 2.2
+    slow = f64 if dtype == torch.float64 else 1.0
+    gemm_left = 2 * p * p * width + 2 * p * b * width  # Gram + projection
+    gemm_right = p * width * width + 4 * p * b * width  # Gram + basis + projection
+    return {
+        "full": slow * _C_SVD * (a * b * b + b ** 3) + _C_GEMM * slow * 2 * p * b * width,
+        "left": _C_EIGH * p ** 3 + _C_GEMM * gemm_left,
+        "left64": f64 * (_C_EIGH * p ** 3 + _C_GEMM * gemm_left),
+        "right64": f64 * (_C_EIGH * width ** 3 + _C_GEMM * gemm_right),
+    }
+
+
 def choose_route(
-    dtype: torch.dtype, tol: float, mode: SvdMode
+    shape: Tuple[int, int], dtype: torch.dtype, tol: float, mode: SvdMode
 ) -> Tuple[str, Optional[torch.dtype]]:
-    """(route, Gram dtype) for a compute ``dtype`` and effective relative cut."""
+    """(route, Gram dtype): ``full`` SVD, ``left`` or ``right`` Gram (float64).
+
+    Gram matrices are always accumulated and decomposed in float64. A float32
+    Gram route was measured and rejected: an eigenvector of A A^T is
+    sigma_max / (2 sigma_j) times less accurate than the singular vector of A
+    (gap in lambda = 2 sigma gap in sigma), i.e. ~50x at DRM's 1% cut, and on
+    fine-tune-like 3584 x 3072 stacks it moved the merged delta 3.8e-2 from the
+    float64 result against 7e-3 for a float32 SVD. In float64 both Gram routes
+    agree with the SVD route to ~1e-12, and for float32 inputs they are closer
+    to the float64 answer than a float32 SVD is.
+    """
     if mode == "full":
         return "full", None
     if mode not in ("auto", "gram"):
         raise ValueError(f"svd must be 'auto', 'full' or 'gram', got {mode!r}")
-    # `gram` asks for the Gram route accumulated in float64; `auto` may also
-    # use float32. Neither is used where it cannot resolve the cut.
-    if mode == "gram" or dtype == torch.float64:
-        gram_dtypes = [torch.float64]
-    else:
-        gram_dtypes = [torch.float32, torch.float64]
-    for gram_dtype in gram_dtypes:
-        if _gram_error(gram_dtype, tol) <= _GRAM_ERROR_BUDGET[gram_dtype]:
-            return "gram", gram_dtype
-    return "full", None
+    p, width = shape
+    f64_ok = _gram_error(torch.float64, tol) <= _GRAM_ERROR_BUDGET[torch.float64]
+    if mode == "gram":
+        # Asked for: the Gram route in float64 on the short side, if it can
+        # resolve the cut at all.
+        if not f64_ok:
+            return "full", None
+        return ("left", torch.float64) if p <= width else ("right", torch.float64)
+    costs = route_costs(p, width, dtype)
+    del costs["left"]  # float32 Gram: see above
+    options = {"full": ("full", None)}
+    if f64_ok:
+        options["left64"] = ("left", torch.float64)
+        options["right64"] = ("right", torch.float64)
+    best = min(options, key=lambda name: costs[name])
+    return options[best]
 
 
 def low_rank_factors(
@@ -93,10 +119,10 @@ def low_rank_factors(
     """
     n_models, p, q = deltas.shape
     tol = max(rank_tol, rank_floor((p, n_models * q), deltas.dtype))
-    route, gram_dtype = choose_route(deltas.dtype, tol, mode)
-    if route == "gram":
-        return _gram_factors(deltas, tol, gram_dtype)
-    return _svd_factors(deltas, tol)
+    route, gram_dtype = choose_route((p, n_models * q), deltas.dtype, tol, mode)
+    if route == "full":
+        return _svd_factors(deltas, tol)
+    return _gram_factors(deltas, tol, gram_dtype, left=route == "left")
 
 
 def _svd_factors(deltas: torch.Tensor, tol: float):
@@ -126,11 +152,10 @@ def project(deltas: torch.Tensor, basis: torch.Tensor, sigma: torch.Tensor) -> t
     return coords
 
 
-def _gram_factors(deltas: torch.Tensor, tol: float, gram_dtype: torch.dtype):
-    """Gram route: eigendecomposition of the short side's Gram matrix."""
+def _gram_factors(deltas: torch.Tensor, tol: float, gram_dtype: torch.dtype, left: bool):
+    """Gram route: eigendecomposition of sum_t D_t D_t^T (left) or A^T A (right)."""
     n_models, p, q = deltas.shape
     dtype = deltas.dtype
-    left = p <= n_models * q
     size = p if left else n_models * q
     gram = torch.zeros((size, size), dtype=gram_dtype, device=deltas.device)
     cast = [d if d.dtype == gram_dtype else d.to(gram_dtype) for d in deltas] if gram_dtype != dtype else list(deltas)
