@@ -132,7 +132,9 @@ def _merge_shared_left_basis(
     significant = (norms > _negligible_share(dtype)) & active[:, None]
     if renorm:
         safe = torch.where(significant, norms, torch.ones_like(norms))
-        coords = coords * (significant / safe).unsqueeze(2)
+        # Divide (not multiply by a reciprocal): a length-1 coordinate vector
+        # must normalize to exactly +-1 so ties stay ties.
+        coords = torch.where(significant.unsqueeze(2), coords / safe.unsqueeze(2), 0)
         scales = sigma.unsqueeze(0) * norms * significant
     else:
         coords = coords * significant.unsqueeze(2)
