@@ -88,6 +88,47 @@ def kernel_table(shapes, counts, reps: int, lines):
             del deltas, d64
 
 
+_MEMORY_PROBE = """
+import resource, sys, torch
+import mergekit_drm
+from mergekit.merge_methods import TensorGroup
+from mergekit_drm.drm.method import drm_merge_method
+rows, cols, n, direction, svd = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+torch.manual_seed(0)
+base = torch.randn(rows, cols)
+tensors = [base] + [base + 0.01 * torch.randn(rows, cols) for _ in range(n)]
+group = TensorGroup.from_tensors(tensors, base_index=0, name="model.layers.0.mlp.up_proj.weight")
+drm_merge_method([TensorGroup.from_tensors([t[:8, :8] for t in tensors], base_index=0, name="w")])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import psutil
+current = psutil.Process().memory_info().rss // 1024
+drm_merge_method([group], parameters={"direction": direction, "svd": svd})
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(max(peak - max(before, current), 0) * 1024)
+"""
+
+
+def memory_table(shapes, counts, lines):
+    """Extra peak memory of one tensor's merge, in units of the N+1 inputs."""
+    lines.append("| shape | N | direction | route | extra peak MiB | / input tensors (N+1) |")
+    lines.append("|---|---|---|---|---|---|")
+    for rows, cols in shapes:
+        for n_models in counts:
+            inputs = (n_models + 1) * rows * cols * 4
+            for direction in ("vertical", "horizontal"):
+                for svd in ("full", "auto"):
+                    proc = subprocess.run(
+                        [sys.executable, "-c", _MEMORY_PROBE, str(rows), str(cols),
+                         str(n_models), direction, svd],
+                        capture_output=True, text=True, check=True,
+                    )
+                    extra = int(proc.stdout.strip().splitlines()[-1])
+                    row = (f"| {rows}x{cols} | {n_models} | {direction} | {svd} | "
+                           f"{extra / 2**20:.0f} | {extra / inputs:.1f} |")
+                    lines.append(row)
+                    print(row, flush=True)
+
+
 def build_llama(root: str, hidden: int, intermediate: int, layers: int, vocab: int, n_ft: int):
     import transformers
     from safetensors.torch import load_file, save_file
@@ -199,6 +240,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes, one run: a smoke test")
     parser.add_argument("--skip-kernel", action="store_true")
     parser.add_argument("--skip-merge", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="device for the kernel table (cuda if available)")
     parser.add_argument("--out", default=None)
@@ -220,6 +262,11 @@ def main(argv=None) -> int:
         lines += ["## Kernel, one matrix, density 0.2, rank_tol 0.01 (median of "
                   f"{reps}; relative Frobenius differences of the merged delta)", ""]
         kernel_table(shapes, counts, reps, lines)
+        lines.append("")
+    if not args.skip_memory:
+        lines += ["## Memory of one tensor's merge (float32 inputs; extra peak RSS of the "
+                  "merge call beyond the inputs already in memory, via the mergekit method)", ""]
+        memory_table(shapes[1:], counts[-1:], lines)
         lines.append("")
     if not args.skip_merge:
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:

@@ -158,18 +158,26 @@ def _gram_factors(deltas: torch.Tensor, tol: float, gram_dtype: torch.dtype, lef
     dtype = deltas.dtype
     size = p if left else n_models * q
     gram = torch.zeros((size, size), dtype=gram_dtype, device=deltas.device)
-    cast = [d if d.dtype == gram_dtype else d.to(gram_dtype) for d in deltas] if gram_dtype != dtype else list(deltas)
+    # One model's float64 copy at a time: never a float64 copy of the stack.
+    def cast(index):
+        return deltas[index].to(gram_dtype)
+
     if left:
-        for d in cast:
+        for index in range(n_models):
+            d = cast(index)
             gram.addmm_(d, d.T)
+            del d
     else:
         for s in range(n_models):
+            d_s = cast(s)
             for t in range(s, n_models):
-                block = cast[s].T @ cast[t]
+                d_t = d_s if t == s else cast(t)
+                block = d_s.T @ d_t
                 gram[s * q:(s + 1) * q, t * q:(t + 1) * q] = block
                 if s != t:
                     gram[t * q:(t + 1) * q, s * q:(s + 1) * q] = block.T
-    del cast
+                del d_t, block
+            del d_s
     evals, evecs = torch.linalg.eigh(gram)
     del gram
     evals = evals.flip(0)
