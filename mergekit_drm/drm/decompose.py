@@ -61,13 +61,13 @@ def route_costs(p: int, width: int, dtype: torch.dtype) -> dict:
     a, b = max(p, width), min(p, width)
     f64 = 2.2
     slow = f64 if dtype == torch.float64 else 1.0
-    gemm_left = 2 * p * p * width + 2 * p * b * width  # Gram + projection
-    gemm_right = p * width * width + 4 * p * b * width  # Gram + basis + projection
+    project = 2 * p * b * width  # coordinates, in the compute dtype
+    gram_left = 2 * p * p * width
+    gram_right = p * width * width + 2 * p * b * width  # Gram + basis
     return {
-        "full": slow * _C_SVD * (a * b * b + b ** 3) + _C_GEMM * slow * 2 * p * b * width,
-        "left": _C_EIGH * p ** 3 + _C_GEMM * gemm_left,
-        "left64": f64 * (_C_EIGH * p ** 3 + _C_GEMM * gemm_left),
-        "right64": f64 * (_C_EIGH * width ** 3 + _C_GEMM * gemm_right),
+        "full": slow * (_C_SVD * (a * b * b + b ** 3) + _C_GEMM * project),
+        "left64": f64 * (_C_EIGH * p ** 3 + _C_GEMM * gram_left) + slow * _C_GEMM * project,
+        "right64": f64 * (_C_EIGH * width ** 3 + _C_GEMM * gram_right) + slow * _C_GEMM * project,
     }
 
 
@@ -98,7 +98,6 @@ def choose_route(
             return "full", None
         return ("left", torch.float64) if p <= width else ("right", torch.float64)
     costs = route_costs(p, width, dtype)
-    del costs["left"]  # float32 Gram: see above
     options = {"full": ("full", None)}
     if f64_ok:
         options["left64"] = ("left", torch.float64)
@@ -128,7 +127,13 @@ def low_rank_factors(
 def _svd_factors(deltas: torch.Tensor, tol: float):
     n_models, p, q = deltas.shape
     stacked = deltas.permute(1, 0, 2).reshape(p, n_models * q)
-    u, s, _ = torch.linalg.svd(stacked, full_matrices=False)
+    if p >= n_models * q:
+        u, s, _ = torch.linalg.svd(stacked, full_matrices=False)
+    else:
+        # LAPACK's SVD of a wide matrix was measured several times slower
+        # than of its (tall) transpose: decompose A^T = V S U^T instead.
+        _, s, uh = torch.linalg.svd(stacked.T, full_matrices=False)
+        u = uh.T
     del stacked
     r = _rank(s, tol)
     basis, sigma = u[:, :r], s[:r]
