@@ -21,7 +21,7 @@ _header_lock = threading.Lock()
 _headers: Dict[str, Dict[str, Tuple[int, ...]]] = {}
 
 
-def _safetensors_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
+def safetensors_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
     with _header_lock:
         cached = _headers.get(path)
     if cached is not None:
@@ -52,7 +52,7 @@ def stored_shape(model: Any, tensor_name: str) -> Optional[Tuple[int, ...]]:
     shard = index.tensor_paths.get(tensor_name)
     if shard is None:
         return None
-    return _safetensors_shapes(os.path.join(index.base_path, shard)).get(tensor_name)
+    return safetensors_shapes(os.path.join(index.base_path, shard)).get(tensor_name)
 
 
 @functools.lru_cache(maxsize=None)

@@ -95,7 +95,7 @@ def elect_and_mean(
     return total.div_(n_models)
 
 
-def _negligible_share(dtype: torch.dtype) -> float:
+def negligible_share(dtype: torch.dtype) -> float:
     """Below this, a model's share of a singular direction is rounding noise.
 
     Each singular direction's energy splits over the models as sum_t nu_t^2 = 1.
@@ -106,6 +106,44 @@ def _negligible_share(dtype: torch.dtype) -> float:
     arithmetic.
     """
     return math.sqrt(torch.finfo(dtype).eps)
+
+
+def merge_in_basis(
+    coords: torch.Tensor,
+    sigma: torch.Tensor,
+    active: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    density: float,
+    renorm: bool,
+    sign_election: bool,
+    disjoint: bool,
+) -> torch.Tensor:
+    """DRM's merge in the joint space; returns M (r, q).
+
+    ``coords`` (N, r, q) and ``sigma`` (r,) factor each model's delta as
+    basis @ diag(sigma) @ coords[t]; ``active`` (N,) marks models whose delta
+    is not exactly zero. Renormalize, prune jointly, scale by sigma~, elect,
+    weight, disjoint mean. Shared by the dense kernel and the LoRA path.
+    """
+    n_models = coords.shape[0]
+    norms = torch.linalg.vector_norm(coords, dim=2)  # (N, r)
+    significant = (norms > negligible_share(coords.dtype)) & active[:, None]
+    if renorm:
+        safe = torch.where(significant, norms, torch.ones_like(norms))
+        # Divide (not multiply by a reciprocal): a length-1 coordinate vector
+        # must normalize to exactly +-1 so ties stay ties.
+        coords = torch.where(significant.unsqueeze(2), coords / safe.unsqueeze(2), 0)
+        scales = sigma.unsqueeze(0) * norms * significant
+    else:
+        coords = coords * significant.unsqueeze(2)
+        scales = sigma.unsqueeze(0).expand(n_models, -1)
+    mask = keep_top_magnitude(coords, density)
+    contributions = coords.mul_(mask).mul_(scales.unsqueeze(2))
+    del mask
+    return elect_and_mean(
+        contributions, weights, sign_election=sign_election, disjoint=disjoint
+    )
 
 
 def _merge_shared_left_basis(
@@ -127,23 +165,15 @@ def _merge_shared_left_basis(
     basis, sigma, coords = low_rank_factors(deltas, rank_tol=rank_tol, mode=svd)
     if sigma.numel() == 0:
         return deltas.new_zeros(p, q)
-    # coords: (N, r, q), with deltas[t] = basis @ diag(sigma) @ coords[t].
-    norms = torch.linalg.vector_norm(coords, dim=2)  # (N, r)
-    significant = (norms > _negligible_share(dtype)) & active[:, None]
-    if renorm:
-        safe = torch.where(significant, norms, torch.ones_like(norms))
-        # Divide (not multiply by a reciprocal): a length-1 coordinate vector
-        # must normalize to exactly +-1 so ties stay ties.
-        coords = torch.where(significant.unsqueeze(2), coords / safe.unsqueeze(2), 0)
-        scales = sigma.unsqueeze(0) * norms * significant
-    else:
-        coords = coords * significant.unsqueeze(2)
-        scales = sigma.unsqueeze(0).expand(n_models, -1)
-    mask = keep_top_magnitude(coords, density)
-    contributions = coords.mul_(mask).mul_(scales.unsqueeze(2))
-    del mask
-    merged = elect_and_mean(
-        contributions, weights, sign_election=sign_election, disjoint=disjoint
+    merged = merge_in_basis(
+        coords,
+        sigma,
+        active,
+        weights,
+        density=density,
+        renorm=renorm,
+        sign_election=sign_election,
+        disjoint=disjoint,
     )
     return basis @ merged
 

@@ -1,0 +1,343 @@
+"""DRM computed from LoRA factors, without materialising any n x m delta.
+
+A LoRA adapter changes a matrix by dW_t = s_t * B_t @ A_t (B_t: n x r_t,
+A_t: r_t x m, s_t = alpha/r_t or alpha/sqrt(r_t) with rsLoRA). The kernel in
+``mergekit_drm.drm.kernel`` needs the joint SVD of the stack of the dW_t; for
+low-rank dW_t that SVD is cheap:
+
+DRM-H (shared output basis). Write dW_t = L_t @ R_t with L_t = s_t B_t
+(p x r_t) and R_t = A_t (r_t x q). A thin QR R_t^T = Q_t T_t (Q_t: q x k_t with
+orthonormal columns) gives
+
+    [dW_1 | ... | dW_N] = [L_1 T_1^T | ... | L_N T_N^T] @ blockdiag(Q_1^T, ..., Q_N^T)
+
+and since blockdiag(Q_t^T) has orthonormal rows, an SVD K = U diag(sigma) W^T of
+the small p x sum(k_t) matrix K = [L_1 T_1^T | ...] is an SVD of the stack:
+same U and sigma, and model t's coordinates V_t^T = W_t^T Q_t^T (r x q), W_t
+being row block t of W. Like the kernel (``decompose.project``), the
+coordinates are taken by projection, diag(1/sigma) U^T dW_t, here in factored
+form ((U^T L_t) R_t)/sigma; the Q_t are never formed (``qr(mode="r")``).
+Cost: N small QRs, one SVD of p x sum(r_t) and N GEMMs of r x r_t x q,
+instead of an SVD of the p x N*q stack.
+
+DRM-V (shared input basis) is DRM-H of the transposes (exactly as in the
+kernel): L_t = A_t^T (m x r_t), R_t = s_t B_t^T (r_t x n).
+
+After the factorisation every step is the kernel's, with the kernel's own
+functions: the rank cut (the rule of ``decompose.low_rank_factors``, with
+``decompose.rank_floor`` of the *dense* stack shape and the compute dtype, so
+the cut is identical; see ``rank_cut``), the negligible-share rule,
+renormalisation, ``keep_top_magnitude`` over all N*r*q coordinates (a model
+without this module has zero coordinates that still count in K, exactly like
+an all-zero delta in the dense route), ``elect_and_mean``. The result is a
+pair of factors (basis p x r, merged coordinates r x q) whose product is the
+kernel's merged delta; nothing n x m is ever formed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from mergekit_drm.drm.decompose import rank_floor
+from mergekit_drm.drm.kernel import Direction, merge_in_basis
+
+Factors = Tuple[torch.Tensor, torch.Tensor]  # (B: n x r, A: r x m), delta = B @ A
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One adapter's change to one matrix: delta = scale * B @ A (Linear layout)."""
+
+    B: torch.Tensor  # (n, r)
+    A: torch.Tensor  # (r, m)
+    scale: float = 1.0
+
+
+def rank_cut(
+    sigma: torch.Tensor, rank_tol: float, dense_shape: Tuple[int, int], dtype: torch.dtype
+) -> int:
+    """Number of singular values the dense route keeps.
+
+    ``decompose.low_rank_factors``' rule: sigma_j > max(rank_tol,
+    rank_floor(dense stack shape)) * sigma_max, with the floor taken for the
+    *dense* p x N*q stack and the compute ``dtype`` (not the float64 of the
+    small SVD), so that both routes cut at the same place.
+    """
+    if sigma.numel() == 0 or not bool(sigma[0] > 0):
+        return 0
+    tol = max(rank_tol, rank_floor(dense_shape, dtype))
+    return int((sigma > tol * sigma[0]).sum())
+
+
+# The joint-space merge is the dense kernel's own.
+merge_coordinates = merge_in_basis
+
+
+def _shared_left_lowrank(
+    lefts: Sequence[Optional[torch.Tensor]],
+    rights: Sequence[Optional[torch.Tensor]],
+    weights: torch.Tensor,
+    shape: Tuple[int, int],
+    *,
+    density: float,
+    rank_tol: float,
+    renorm: bool,
+    sign_election: bool,
+    disjoint: bool,
+    dtype: torch.dtype,
+) -> Factors:
+    """DRM-H of deltas D_t = lefts[t] @ rights[t] (p x q); None = zero delta.
+
+    Returns (basis p x r, merged r x q).
+    """
+    p, q = shape
+    n_models = len(lefts)
+    device = weights.device
+    blocks: List[torch.Tensor] = []
+    active = torch.zeros(n_models, dtype=torch.bool, device=device)
+    # The factorization (QRs and the small SVD) always runs in float64: it is
+    # tiny (p x sum(r_t)), and float32 basis noise, eps * sigma_max / gap,
+    # would be amplified by DRM's discrete pruning and election (measured on
+    # 4096-wide rank-16 adapters: ~1e-2 relative change of the merged delta).
+    # Like the kernel's Gram route, basis and sigma are then cast to the
+    # compute dtype and the coordinates are projected in that dtype.
+    for index, (left, right) in enumerate(zip(lefts, rights)):
+        if left is None or right is None or left.shape[1] == 0:
+            continue
+        left = left.to(device=device, dtype=torch.float64)
+        right = right.to(device=device, dtype=torch.float64)
+        # right^T = Q T, Q: q x k with orthonormal columns; D = (left T^T) Q^T.
+        # Only T is needed: Q never has to be formed.
+        _, tri = torch.linalg.qr(right.T, mode="r")
+        block = left @ tri.T
+        # An exactly-zero delta (e.g. a LoRA B never trained) takes no part.
+        if not bool(block.ne(0).any()):
+            continue
+        active[index] = True
+        blocks.append(block)
+    if not blocks:
+        return weights.new_zeros(p, 0), weights.new_zeros(0, q)
+    stacked = torch.cat(blocks, dim=1)
+    u, s, _ = torch.linalg.svd(stacked, full_matrices=False)
+    del stacked, blocks
+    # The kernel's cut: its floor is for the compute dtype and the dense shape.
+    r = rank_cut(s, rank_tol, (p, n_models * q), dtype)
+    if r == 0:
+        return weights.new_zeros(p, 0), weights.new_zeros(0, q)
+    basis, sigma = u[:, :r].to(dtype), s[:r].to(dtype)
+    # Coordinates diag(1/sigma) basis^T D_t, as the kernel's ``project`` takes
+    # them, in factored form: ((basis^T L_t) R_t) / sigma, r x q per model.
+    # (Equal to W_t^T Q_t^T from the small SVD in exact arithmetic; the
+    # projection gives exact zeros where D_t has zero columns, as in the kernel.)
+    coords = weights.new_zeros((n_models, r, q))
+    inv = (1.0 / sigma).unsqueeze(1)
+    for index, (left, right) in enumerate(zip(lefts, rights)):
+        if not bool(active[index]):
+            continue
+        left = left.to(device=device, dtype=dtype)
+        right = right.to(device=device, dtype=dtype)
+        torch.mm(basis.T @ left, right, out=coords[index])
+        coords[index].mul_(inv)
+    merged = merge_coordinates(
+        coords,
+        sigma,
+        active,
+        weights,
+        density=density,
+        renorm=renorm,
+        sign_election=sign_election,
+        disjoint=disjoint,
+    )
+    return basis, merged
+
+
+def drm_merge_lowrank(
+    adapters: Sequence[Optional[LoraFactors]],
+    weights: Sequence[float] | torch.Tensor | None = None,
+    *,
+    shape: Tuple[int, int],
+    direction: Direction = "vertical",
+    density: float = 0.2,
+    rank_tol: float = 0.01,
+    renorm: bool = True,
+    sign_election: bool = True,
+    disjoint: bool = True,
+    scale: float = 1.0,
+    compute_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Factors:
+    """DRM of N LoRA deltas of one (n, m) matrix, returned as factors.
+
+    ``adapters[t]`` is model t's factors, or None when adapter t does not
+    target this matrix (an exactly-zero delta: no part in the SVD, election or
+    mean, but its zero coordinates count in the joint keep count, as in the
+    dense route). Returns (B', A') with B' @ A' equal to
+    ``drm_merge_matrix(folded deltas, weights, ...) * scale`` up to rounding;
+    B' is n x r', A' is r' x m with r' the number of singular values kept
+    (possibly 0).
+    """
+    if direction not in ("vertical", "horizontal"):
+        raise ValueError(
+            f"direction must be 'vertical' or 'horizontal', got {direction!r}"
+        )
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    if rank_tol < 0:
+        raise ValueError(f"rank_tol must be >= 0, got {rank_tol}")
+    if compute_dtype not in (torch.float32, torch.float64):
+        raise ValueError("compute_dtype must be torch.float32 or torch.float64")
+    n, m = shape
+    n_models = len(adapters)
+    if n_models == 0:
+        raise ValueError("at least one adapter is needed")
+    if device is None:
+        present = [a for a in adapters if a is not None]
+        device = present[0].B.device if present else torch.device("cpu")
+    if weights is None:
+        weights_t = torch.ones(n_models, dtype=compute_dtype, device=device)
+    else:
+        weights_t = torch.as_tensor(weights, dtype=compute_dtype, device=device)
+        if weights_t.shape != (n_models,):
+            raise ValueError(
+                f"expected {n_models} weights, got {tuple(weights_t.shape)}"
+            )
+    for index, adapter in enumerate(adapters):
+        if adapter is None:
+            continue
+        if adapter.B.dim() != 2 or adapter.A.dim() != 2:
+            raise ValueError(f"adapter {index}: B and A must be matrices")
+        if adapter.B.shape[0] != n or adapter.A.shape[1] != m:
+            raise ValueError(
+                f"adapter {index}: B {tuple(adapter.B.shape)} @ A "
+                f"{tuple(adapter.A.shape)} is not {n} x {m}"
+            )
+        if adapter.B.shape[1] != adapter.A.shape[0]:
+            raise ValueError(
+                f"adapter {index}: inner dimensions of B {tuple(adapter.B.shape)} "
+                f"and A {tuple(adapter.A.shape)} differ"
+            )
+
+    def cast(x: torch.Tensor) -> torch.Tensor:
+        return x.to(device=device, dtype=compute_dtype)
+
+    lefts: List[Optional[torch.Tensor]] = []
+    rights: List[Optional[torch.Tensor]] = []
+    for adapter in adapters:
+        if adapter is None:
+            lefts.append(None)
+            rights.append(None)
+        elif direction == "horizontal":
+            lefts.append(cast(adapter.B) * adapter.scale)
+            rights.append(cast(adapter.A))
+        else:
+            lefts.append(cast(adapter.A).T)
+            rights.append(cast(adapter.B).T * adapter.scale)
+    kwargs = dict(
+        density=density,
+        rank_tol=rank_tol,
+        renorm=renorm,
+        sign_election=sign_election,
+        disjoint=disjoint,
+        dtype=compute_dtype,
+    )
+    if direction == "horizontal":
+        basis, merged = _shared_left_lowrank(lefts, rights, weights_t, (n, m), **kwargs)
+        out_b, out_a = basis, merged
+        if scale != 1.0:
+            out_a = out_a * scale
+    else:
+        basis, merged = _shared_left_lowrank(lefts, rights, weights_t, (m, n), **kwargs)
+        # merged delta^T = basis @ merged, so delta = merged^T @ basis^T.
+        out_b, out_a = merged.T, basis.T
+        if scale != 1.0:
+            out_b = out_b * scale
+    return out_b.contiguous(), out_a.contiguous()
+
+
+def drm_merge_lowrank_parts(
+    adapters: Sequence[Optional[LoraFactors]],
+    weights: Sequence[float] | torch.Tensor | None,
+    *,
+    shape: Tuple[int, int],
+    parts: Optional[Sequence[torch.Tensor]] = None,
+    **kwargs,
+) -> Factors:
+    """``drm_merge_lowrank`` on a fused projection, one part (row set) at a time.
+
+    A part's delta is B[rows] @ A, so splitting is slicing B. The parts' factors
+    are packed block-diagonally: B' = blockdiag over rows, A' stacked, so that
+    (B' @ A')[rows_p] = B'_p @ A'_p for every part.
+    """
+    if parts is None:
+        return drm_merge_lowrank(adapters, weights, shape=shape, **kwargs)
+    n, m = shape
+    results = []
+    for rows in parts:
+        rows = rows.to(torch.long)
+        sliced = [
+            None
+            if adapter is None
+            else LoraFactors(adapter.B.index_select(0, rows.to(adapter.B.device)), adapter.A, adapter.scale)
+            for adapter in adapters
+        ]
+        results.append(
+            (rows, drm_merge_lowrank(sliced, weights, shape=(len(rows), m), **kwargs))
+        )
+    total = sum(b.shape[1] for _, (b, _) in results)
+    first = results[0][1][0]
+    out_b = first.new_zeros(n, total)
+    out_a = first.new_zeros(total, m)
+    offset = 0
+    for rows, (b, a) in results:
+        width = b.shape[1]
+        out_b[rows.to(out_b.device), offset : offset + width] = b
+        out_a[offset : offset + width] = a
+        offset += width
+    return out_b, out_a
+
+
+def truncate_factors(
+    B: torch.Tensor, A: torch.Tensor, rank: int
+) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-``rank`` approximation of B @ A, computed from the factors.
+
+    QR of B and of A^T, SVD of the small core R_B R_A^T. Returns (B'', A'',
+    relative Frobenius error ||B@A - B''@A''|| / ||B@A||; 0 when nothing was cut
+    or the product is zero). B'' carries the singular values; A'' has
+    orthonormal rows.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    k = B.shape[1]
+    if k <= rank:
+        return B, A, 0.0
+    q_b, r_b = torch.linalg.qr(B, mode="reduced")
+    q_a, r_a = torch.linalg.qr(A.T, mode="reduced")
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    total = float(torch.linalg.vector_norm(s))
+    dropped = float(torch.linalg.vector_norm(s[rank:]))
+    error = dropped / total if total > 0 else 0.0
+    new_b = (q_b @ u[:, :rank]) * s[:rank]
+    new_a = vh[:rank] @ q_a.T
+    return new_b.contiguous(), new_a.contiguous(), error
+
+
+def pad_rank(B: torch.Tensor, A: torch.Tensor, rank: int) -> Factors:
+    """Zero-pad factors to exactly ``rank`` (the product is unchanged)."""
+    k = B.shape[1]
+    if k >= rank:
+        return B, A
+    out_b = B.new_zeros(B.shape[0], rank)
+    out_a = A.new_zeros(rank, A.shape[1])
+    out_b[:, :k] = B
+    out_a[:k] = A
+    return out_b, out_a
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's scaling for one module: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
