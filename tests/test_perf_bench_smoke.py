@@ -14,5 +14,8 @@ def test_perf_benchmark_quick_mode(tmp_path):
     for label in ("drm (vertical)", "drm (horizontal)", "ties", "task_arithmetic"):
         assert f"| {label} |" in text
     # float64 routes agree to 1e-8 (the exactness claim of the Gram route)
-    rows = [line.split("|") for line in text.splitlines() if line.startswith("| 256x") or line.startswith("| 896x")]
-    assert rows and all(float(row[7]) <= 1e-8 for row in rows)
+    kernel = text.split("## Kernel")[1].split("##")[0]
+    rows = [line.split("|") for line in kernel.splitlines() if line.startswith("| ") and "x" in line.split("|")[1]]
+    rows = [row for row in rows if row[1].strip()[0].isdigit()]
+    assert len(rows) == 12 and all(float(row[7]) <= 1e-8 for row in rows)
+    assert "## Memory of one tensor's merge" in text
