@@ -242,9 +242,14 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-merge", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=None, help="kernel timing repetitions")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 = reproducible on a loaded machine)")
     parser.add_argument("--device", default="cpu", help="device for the kernel table (cuda if available)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for mergekit-yaml children
     if args.device != "cpu":
         torch.set_default_device(args.device)
     started = time.time()
@@ -258,6 +263,8 @@ def main(argv=None) -> int:
         # time budget (a 71680x4096 SVD alone takes many minutes on 2 cores).
         shapes, counts, reps, runs = [(1024, 1024), (3584, 1024), (1024, 3584)], [2, 3, 5], 3, args.runs
         model = dict(hidden=1024, intermediate=2816, layers=8, vocab=32000, n_ft=3)
+    if args.reps:
+        reps = args.reps
     if not args.skip_kernel:
         lines += ["## Kernel, one matrix, density 0.2, rank_tol 0.01 (median of "
                   f"{reps}; relative Frobenius differences of the merged delta)", ""]
