@@ -178,6 +178,20 @@ def _merge_shared_left_basis(
     return basis @ merged
 
 
+def check_matrix_options(direction, density, rank_tol, compute_dtype) -> None:
+    """Range checks shared by the dense and the LoRA entry points."""
+    if direction not in ("vertical", "horizontal"):
+        raise ValueError(
+            f"direction must be 'vertical' or 'horizontal', got {direction!r}"
+        )
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    if rank_tol < 0:
+        raise ValueError(f"rank_tol must be >= 0, got {rank_tol}")
+    if compute_dtype not in (torch.float32, torch.float64):
+        raise ValueError("compute_dtype must be torch.float32 or torch.float64")
+
+
 def drm_merge_matrix(
     deltas: Sequence[torch.Tensor] | torch.Tensor,
     weights: Sequence[float] | torch.Tensor | None = None,
@@ -197,16 +211,7 @@ def drm_merge_matrix(
     ``deltas`` are in ``nn.Linear`` layout (output, input); the result is in
     ``compute_dtype`` (at least float32: SVDs of bf16/fp16 are unsafe).
     """
-    if direction not in ("vertical", "horizontal"):
-        raise ValueError(
-            f"direction must be 'vertical' or 'horizontal', got {direction!r}"
-        )
-    if not 0 < density <= 1:
-        raise ValueError(f"density must be in (0, 1], got {density}")
-    if rank_tol < 0:
-        raise ValueError(f"rank_tol must be >= 0, got {rank_tol}")
-    if compute_dtype not in (torch.float32, torch.float64):
-        raise ValueError("compute_dtype must be torch.float32 or torch.float64")
+    check_matrix_options(direction, density, rank_tol, compute_dtype)
     # Read-only below: the factorization never writes to the stack.
     stack = _stack(deltas, compute_dtype, writable=False)
     if stack.dim() != 3:

@@ -43,7 +43,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from mergekit_drm.drm.decompose import rank_floor
-from mergekit_drm.drm.kernel import Direction, merge_in_basis
+from mergekit_drm.drm.kernel import Direction, check_matrix_options, merge_in_basis
 
 Factors = Tuple[torch.Tensor, torch.Tensor]  # (B: n x r, A: r x m), delta = B @ A
 
@@ -180,16 +180,7 @@ def drm_merge_lowrank(
     B' is n x r', A' is r' x m with r' the number of singular values kept
     (possibly 0).
     """
-    if direction not in ("vertical", "horizontal"):
-        raise ValueError(
-            f"direction must be 'vertical' or 'horizontal', got {direction!r}"
-        )
-    if not 0 < density <= 1:
-        raise ValueError(f"density must be in (0, 1], got {density}")
-    if rank_tol < 0:
-        raise ValueError(f"rank_tol must be >= 0, got {rank_tol}")
-    if compute_dtype not in (torch.float32, torch.float64):
-        raise ValueError("compute_dtype must be torch.float32 or torch.float64")
+    check_matrix_options(direction, density, rank_tol, compute_dtype)
     n, m = shape
     n_models = len(adapters)
     if n_models == 0:
