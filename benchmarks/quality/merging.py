@@ -1,0 +1,73 @@
+"""One mergekit YAML per merge, run with ``mergekit.merge.run_merge`` exactly
+as a user would (``mergekit-yaml config.yml out --random-seed 0
+--no-copy-tokenizer`` does the same)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Dict, Sequence
+
+import yaml
+
+# How each method's hyperparameters enter the YAML.
+#   mean_like: the merge is a (disjoint) mean at lambda 1 -> lambda grid > 1
+#   sum_like: the merge is a sum of task vectors at lambda 1
+MEAN_LIKE = {"ties", "della", "drm", "linear"}
+
+
+def merge_config(method: str, base: Path, models: Sequence[Path], params: Dict) -> Dict:
+    """The mergekit config dict for one merge. ``params`` holds the global
+    parameters (``lambda``, ``density``, drm switches ...); ``weight: 1`` is
+    given per model for every method."""
+    params = dict(params)
+    models_cfg = [{"model": str(Path(m).resolve()), "parameters": {"weight": 1.0}} for m in models]
+    cfg: Dict = {"merge_method": method}
+    if method == "linear":
+        cfg["models"] = models_cfg
+        params.setdefault("normalize", True)
+    else:
+        cfg["base_model"] = str(Path(base).resolve())
+        cfg["models"] = models_cfg
+    if params:
+        cfg["parameters"] = params
+    cfg["dtype"] = "float32"
+    return cfg
+
+
+def write_yaml(cfg: Dict, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_yaml(config_path: Path, out_dir: Path, random_seed: int = 0) -> Path:
+    """``mergekit-yaml <config> <out> --random-seed <s> --no-copy-tokenizer
+    --no-write-model-card`` in-process."""
+    import mergekit_drm  # noqa: F401  (the .pth hook does this too; explicit is harmless)
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    from .tsv import register
+
+    text = Path(config_path).read_text()
+    if "tsv_m" in text:
+        register()  # the benchmark's TSV-M baseline, only in processes that use it
+    config = MergeConfiguration.model_validate(yaml.safe_load(text))
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    run_merge(
+        config,
+        str(out_dir),
+        options=MergeOptions(
+            random_seed=random_seed,
+            copy_tokenizer=False,
+            write_model_card=False,
+            lazy_unpickle=False,
+            quiet=True,
+        ),
+        config_source=text,
+    )
+    return out_dir
