@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import threading
 
-METHOD_NAMES = ("drm",)
+METHOD_NAMES = ("drm", "mudsc")
 
 _lock = threading.Lock()
 
 
 def _methods():
     from mergekit_drm.drm.method import drm_merge_method
+    from mergekit_drm.mudsc.method import mudsc_merge_method
 
-    return (drm_merge_method,)
+    return (drm_merge_method, mudsc_merge_method)
 
 
 def register_methods() -> None:

@@ -1,0 +1,129 @@
+"""``mergekit-mudsc-align``: align once, merge with anything.
+
+Reads an ordinary mergekit YAML (the ``models:`` list, in order, and the mudsc
+parameters under ``parameters:``), computes the MuDSC alignment, saves it
+(``alignment.safetensors`` with int64 maps + ``alignment.json``), and
+optionally writes permuted copies of models 2..N in model 1's unit order, so
+that ``ties``, ``drm`` or any other method can merge the aligned models.
+Everything is checked and computed before any directory is created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from typing import Any, Dict, List, Optional
+
+import torch
+import yaml
+
+from mergekit_drm.mudsc.alignment import permute_tensor
+from mergekit_drm.mudsc.engine import AlignmentResult, CalibrationOptions, compute_alignment
+from mergekit_drm.mudsc.solver import SolverOptions
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _options(parameters: Dict[str, Any]):
+    from mergekit_drm.mudsc.method import PARAMETERS
+    from pydantic import TypeAdapter
+
+    known = {p.name: p for p in PARAMETERS}
+    values = {}
+    for name, spec in known.items():
+        raw = parameters.get(name, spec.default)
+        if isinstance(raw, (list, dict)):
+            raise ValueError(f"mudsc parameter `{name}` must be one value for the whole model; got {raw!r}")
+        values[name] = TypeAdapter(spec.type).validate_python(raw)
+    unknown = sorted(set(parameters) - set(known) - {"weight"})
+    if unknown:
+        raise ValueError(f"unknown mudsc parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    solver = SolverOptions(
+        alpha=values["alpha"], mode=values["mode"], iterations=values["iterations"],
+        patience=values["patience"], seed=values["seed"],
+    )
+    calibration = CalibrationOptions(
+        path=values["calibration"] or None,
+        samples=values["calibration_samples"],
+        seq_len=values["calibration_seq_len"],
+        batch_size=values["calibration_batch_size"],
+        tokenizer=values["calibration_tokenizer"] or None,
+        max_stats_gib=values["max_stats_gib"],
+    )
+    return solver, calibration
+
+
+def _refuse_existing(path: Optional[str], force: bool) -> None:
+    if path and os.path.exists(path) and os.listdir(path) and not force:
+        raise FileExistsError(f"{path} exists and is not empty; pass --force to write into it")
+
+
+def write_permuted_copies(result: AlignmentResult, out_dir: str) -> List[str]:
+    """Models 2..N moved into model 1's unit order; returns their directories."""
+    from safetensors.torch import save_file
+
+    written = []
+    for i, source in enumerate(result.sources[1:], start=1):
+        target = os.path.join(out_dir, f"model_{i}_{os.path.basename(os.path.normpath(source.path))}")
+        os.makedirs(target, exist_ok=True)
+        loader = source.ref.lazy_loader()
+        tensors = {}
+        for name in source.names:
+            tensor = loader.get_tensor(name)
+            spec = result.spec.tensors.get(name)
+            if spec is not None:
+                tensor = permute_tensor(spec, tensor, result.alignment, i)
+            tensors[name] = tensor.contiguous()
+        save_file(tensors, os.path.join(target, "model.safetensors"), metadata={"format": "pt"})
+        for entry in os.listdir(source.path):
+            full = os.path.join(source.path, entry)
+            if os.path.isfile(full) and not entry.endswith(WEIGHT_SUFFIXES) and not entry.endswith(".index.json"):
+                shutil.copy2(full, os.path.join(target, entry))
+        written.append(target)
+    return written
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mergekit-mudsc-align",
+        description="Compute a MuDSC alignment for the models of a mergekit YAML and save it.",
+    )
+    parser.add_argument("config", help="mergekit YAML (models in order; mudsc parameters under `parameters:`)")
+    parser.add_argument("--alignment-out", required=True, help="directory for alignment.safetensors + alignment.json")
+    parser.add_argument("--permuted-out", help="also write models 2..N permuted into model 1's order here (mode: align)")
+    parser.add_argument("--device", default="cpu", help="torch device for the search and calibration (e.g. cuda)")
+    parser.add_argument("--cuda", action="store_true", help="same as --device cuda")
+    parser.add_argument("--force", action="store_true", help="write into non-empty output directories")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        with open(args.config) as handle:
+            config = yaml.safe_load(handle)
+        models = [entry["model"] if isinstance(entry, dict) else entry for entry in config.get("models") or []]
+        if config.get("base_model"):
+            raise ValueError("mudsc merges models without a common base: remove `base_model:`")
+        solver, calibration = _options(config.get("parameters") or {})
+        if args.permuted_out and solver.mode != "align":
+            raise ValueError("--permuted-out needs mode: align (zip does not produce a permutation)")
+        _refuse_existing(args.alignment_out, args.force)
+        _refuse_existing(args.permuted_out, args.force)
+        device = "cuda" if args.cuda else args.device
+        result = compute_alignment(models, solver, calibration, device=device, progress=True)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
+        print(f"mergekit-mudsc-align: error: {error}", file=sys.stderr)
+        return 2
+    result.alignment.save(args.alignment_out)
+    print(f"alignment written to {args.alignment_out} ({result.seconds:.1f} s)")
+    if args.permuted_out:
+        written = write_permuted_copies(result, args.permuted_out)
+        print("aligned models (use these in any mergekit YAML):")
+        for path in [result.sources[0].path] + written:
+            print(f"  - model: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

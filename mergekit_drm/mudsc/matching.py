@@ -1,0 +1,232 @@
+"""Matchers: turn unit similarities into maps from each model's units to merged units.
+
+A *map* for model i is a long tensor ``index`` of length O: unit u of model i
+becomes (part of) merged unit ``index[u]``. Alignment maps are permutations;
+zip maps may send several units of one model to one merged unit and leave a
+merged unit without members from some model.
+
+* ``align_flat``: Hungarian assignment of every model to model 0 (a star;
+  there is no cycle consistency between models 1..N-1, as in the reference).
+* ``zip_flat``: ZipIt's greedy merge over all N*O units, re-matching penalty
+  ``a``, same-model budget ``b``, stopping at O merged units.
+* ``match_heads``: group matching for attention. Heads move whole; one head
+  assignment moves Q, K, V and O together; with GQA a KV head carries its
+  query heads (which may be re-ordered inside the group); V dims may be
+  permuted inside a head; Q/K dims only where no rotary embedding fixes them,
+  and then Q and K of a head share one permutation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from mergekit_drm.mudsc.specs import HeadLayout
+
+NEG = float("-inf")
+
+
+def lap_max(similarity: torch.Tensor) -> Tuple[np.ndarray, float]:
+    """Column matched to each row maximizing total similarity; and that total."""
+    sim = similarity.detach().to("cpu", torch.float64).numpy()
+    if not np.isfinite(sim).all():
+        raise FloatingPointError("similarity matrix has NaN or infinite entries")
+    rows, cols = linear_sum_assignment(sim, maximize=True)
+    order = np.empty(sim.shape[0], dtype=np.int64)
+    order[rows] = cols
+    return order, float(sim[rows, cols].sum())
+
+
+def _inverse(match: np.ndarray) -> torch.Tensor:
+    """index[b] = a for match[a] = b."""
+    index = np.empty_like(match)
+    index[match] = np.arange(len(match))
+    return torch.from_numpy(index)
+
+
+def align_flat(cross: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], float]:
+    """Permutation maps for models 0..N-1 from the (model 0, model i) blocks."""
+    units = cross[0].shape[0]
+    maps = [torch.arange(units)]
+    total = 0.0
+    for block in cross:
+        match, score = lap_max(block)
+        maps.append(_inverse(match))
+        total += score
+    return maps, total / (units * len(cross))
+
+
+def zip_flat(
+    similarity: torch.Tensor,
+    num_models: int,
+    target: int,
+    a: float = 0.5,
+    b: float = 1.0,
+) -> Tuple[List[torch.Tensor], float]:
+    """ZipIt greedy matching on the full (N*O)^2 similarity, down to ``target`` units."""
+    n = similarity.shape[0]
+    units = n // num_models
+    sim = similarity.detach().to("cpu", torch.float32).clone()
+    if not torch.isfinite(sim).all():
+        raise FloatingPointError("similarity matrix has NaN or infinite entries")
+    sim.fill_diagonal_(NEG)
+    owner = torch.arange(n) // units
+    members: List[List[int]] = [[u] for u in range(n)]
+    alive = torch.ones(n, dtype=torch.bool)
+    to_remove = n - target
+    budget = int(b * (to_remove // num_models))
+    used = [0] * num_models
+    scores = []
+
+    def close_model(m: int) -> None:
+        block = slice(m * units, (m + 1) * units)
+        sim[block, block] = NEG
+
+    for m in range(num_models):
+        if budget <= 0:
+            close_model(m)
+    remaining = n
+    while remaining > target:
+        flat = int(torch.argmax(sim))
+        r, c = divmod(flat, n)
+        best = float(sim[r, c])
+        if best == NEG:
+            raise RuntimeError("zip ran out of admissible pairs; lower the same-model budget")
+        if r > c:
+            r, c = c, r
+        scores.append(best)
+        if owner[r] == owner[c]:
+            m = int(owner[r])
+            used[m] += 1
+            if used[m] >= budget:
+                close_model(m)
+        members[r].extend(members[c])
+        members[c] = []
+        alive[c] = False
+        if a <= 0:
+            sim[r, :] = NEG
+            sim[:, r] = NEG
+        else:
+            fused = torch.minimum(sim[r], sim[c]) * a
+            fused[~alive] = NEG
+            sim[r, :] = fused
+            sim[:, r] = fused
+            sim[r, r] = NEG
+        sim[c, :] = NEG
+        sim[:, c] = NEG
+        remaining -= 1
+    slots = [s for s in range(n) if alive[s]]
+    slots.sort(key=lambda s: min(members[s]))
+    maps = [torch.empty(units, dtype=torch.long) for _ in range(num_models)]
+    for k, s in enumerate(slots):
+        for u in members[s]:
+            maps[u // units][u % units] = k
+    return maps, (sum(scores) / len(scores)) if scores else 1.0
+
+
+# --- attention ----------------------------------------------------------------
+
+
+@dataclass
+class HeadMatch:
+    """Model i's heads matched to model 0's: for each reference KV head g,
+    ``kv[g]`` is model i's KV head, ``query[g][r]`` its query head (within the
+    group) for reference query slot r, ``qk[g][j]`` its Q/K dim for reference
+    dim j, ``v[g][j]`` its V dim."""
+
+    kv: np.ndarray
+    query: List[np.ndarray]
+    qk: List[np.ndarray]
+    v: List[np.ndarray]
+    score: float
+
+
+def _diag_mean(block: torch.Tensor) -> torch.Tensor:
+    return torch.diagonal(block, dim1=-2, dim2=-1).mean(-1)
+
+
+def match_heads(
+    sq: torch.Tensor, sk: torch.Tensor, sv: torch.Tensor, layout: HeadLayout
+) -> HeadMatch:
+    """Group matching of one model's heads to model 0's (cross blocks in)."""
+    kv, rep, d = layout.num_kv_heads, layout.group_size, layout.head_dim
+    q6 = sq.reshape(kv, rep, d, kv, rep, d).permute(0, 1, 3, 4, 2, 5)  # g r g' r' d d
+    k4 = sk.reshape(kv, d, kv, d).permute(0, 2, 1, 3)  # g g' d d
+    v4 = sv.reshape(kv, d, kv, d).permute(0, 2, 1, 3)
+    if not layout.rope and rep != 1:
+        raise ValueError("within-head Q/K permutations with grouped KV heads are not supported")
+    qdiag = _diag_mean(q6)  # g r g' r'
+    kdiag = _diag_mean(k4)  # g g'
+    pair_score = np.zeros((kv, kv))
+    pair = {}
+    units = rep * d + 2 * d
+    for g in range(kv):
+        for h in range(kv):
+            if rep > 1:
+                tau, qsum = lap_max(qdiag[g, :, h, :])
+                qsum *= d
+            else:
+                tau, qsum = np.zeros(1, dtype=np.int64), 0.0
+            if layout.rope:
+                rho = np.arange(d)
+                qsum = qsum if rep > 1 else float(qdiag[g, 0, h, 0]) * d
+                ksum = float(kdiag[g, h]) * d
+            else:
+                rho, qksum = lap_max(q6[g, 0, h, 0] + k4[g, h])
+                qsum, ksum = qksum, 0.0
+            sigma, vsum = lap_max(v4[g, h])
+            pair[g, h] = (tau, rho, sigma)
+            pair_score[g, h] = (qsum + ksum + vsum) / units
+    kv_match, total = lap_max(torch.from_numpy(pair_score))
+    return HeadMatch(
+        kv=kv_match,
+        query=[pair[g, kv_match[g]][0] for g in range(kv)],
+        qk=[pair[g, kv_match[g]][1] for g in range(kv)],
+        v=[pair[g, kv_match[g]][2] for g in range(kv)],
+        score=total / kv,
+    )
+
+
+def head_maps(match: HeadMatch, layout: HeadLayout, v_dims: Optional[List[np.ndarray]] = None):
+    """Index maps of the q, k, v and o spaces of the matched model.
+
+    ``v_dims`` overrides the V-dim map: for each reference KV head, the merged
+    dim of each of the matched head's dims (zip); default from ``match.v``.
+    """
+    kv, rep, d = layout.num_kv_heads, layout.group_size, layout.head_dim
+    q = np.empty(kv * rep * d, dtype=np.int64)
+    k = np.empty(kv * d, dtype=np.int64)
+    v = np.empty(kv * d, dtype=np.int64)
+    o = np.empty(kv * rep * d, dtype=np.int64)
+    dims = np.arange(d)
+    for g in range(kv):
+        h = match.kv[g]
+        rho = match.qk[g]
+        if v_dims is None:
+            v_of = np.empty(d, dtype=np.int64)
+            v_of[match.v[g]] = dims  # own dim -> merged dim
+        else:
+            v_of = v_dims[g]
+        k[h * d + rho] = g * d + dims
+        v[h * d + dims] = g * d + v_of
+        for r in range(rep):
+            own = h * rep + match.query[g][r]
+            ref = g * rep + r
+            q[own * d + rho] = ref * d + dims
+            o[own * d + dims] = ref * d + v_of
+    return {name: torch.from_numpy(x) for name, x in (("q", q), ("k", k), ("v", v), ("o", o))}
+
+
+def identity_head_match(layout: HeadLayout) -> HeadMatch:
+    kv, rep, d = layout.num_kv_heads, layout.group_size, layout.head_dim
+    return HeadMatch(
+        kv=np.arange(kv),
+        query=[np.arange(rep) for _ in range(kv)],
+        qk=[np.arange(d) for _ in range(kv)],
+        v=[np.arange(d) for _ in range(kv)],
+        score=0.0,
+    )

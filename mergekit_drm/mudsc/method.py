@@ -1,0 +1,199 @@
+"""The ``mudsc`` merge method: mergekit adapter around the alignment engine.
+
+Planning (before mergekit creates the output directory): parameter ranges,
+the calibration file, the saved alignment, the architecture and tensor shapes
+are checked. The first tensor mergekit asks for triggers the global
+alignment pass (``engine.cached_alignment``); every tensor then merges under
+that one alignment (``alignment.merge_tensor``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Hashable, Optional, Sequence
+
+import torch
+from pydantic import AfterValidator
+from typing_extensions import Annotated
+
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    GroupMergeMethod,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    TensorGroup,
+)
+from mergekit_drm.mudsc.alignment import merge_tensor
+from mergekit_drm.mudsc.calibration import check_calibration_path
+from mergekit_drm.mudsc.engine import (
+    CalibrationOptions,
+    cached_alignment,
+    check_models,
+    describe_models,
+)
+from mergekit_drm.mudsc.solver import MODES, SolverOptions
+
+PRETTY_NAME = "MuDSC"
+REFERENCE_URL = "https://arxiv.org/abs/2403.01753"
+
+
+def _checked(kind, check):
+    return Annotated[kind, AfterValidator(check)]
+
+
+def _alpha(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"mudsc parameter `alpha` must be in [0, 1] (1 = weight space only, "
+            f"0 = activations only); got {value}"
+        )
+    return value
+
+
+def _mode(value: str) -> str:
+    if value not in MODES:
+        raise ValueError(f"mudsc parameter `mode` must be one of {', '.join(MODES)}; got {value!r}")
+    return value
+
+
+def _positive(name: str):
+    def check(value: int) -> int:
+        if value < 1:
+            raise ValueError(f"mudsc parameter `{name}` must be >= 1; got {value}")
+        return value
+
+    return check
+
+
+def _non_negative_int(name: str):
+    def check(value: int) -> int:
+        if value < 0:
+            raise ValueError(f"mudsc parameter `{name}` must be >= 0; got {value}")
+        return value
+
+    return check
+
+
+def _calibration(value: str) -> str:
+    if value:
+        check_calibration_path(value)
+    return value
+
+
+def _saved(value: str) -> str:
+    if value:
+        for name in ("alignment.json", "alignment.safetensors"):
+            if not os.path.isfile(os.path.join(value, name)):
+                raise ValueError(
+                    f"mudsc parameter `alignment`: {value!r} has no {name}; write one with "
+                    "`mergekit-mudsc-align config.yml --alignment-out DIR`"
+                )
+    return value
+
+
+def _positive_float(name: str):
+    def check(value: float) -> float:
+        if value <= 0:
+            raise ValueError(f"mudsc parameter `{name}` must be > 0; got {value}")
+        return value
+
+    return check
+
+
+S = ParameterScope.SHARED
+PARAMETERS = (
+    ParameterSpec("weight", float, ParameterScope.INPUT, default=1.0,
+                  description="per-model coefficient of the (aligned) average"),
+    ParameterSpec("alpha", _checked(float, _alpha), S, default=0.5,
+                  description="weight on weight-space similarity; 1 = data-free"),
+    ParameterSpec("mode", _checked(str, _mode), S, default="align"),
+    ParameterSpec("iterations", _checked(int, _positive("iterations")), S, default=100),
+    ParameterSpec("patience", _checked(int, _positive("patience")), S, default=5),
+    ParameterSpec("seed", _checked(int, _non_negative_int("seed")), S, default=0),
+    ParameterSpec("calibration", _checked(str, _calibration), S, default="",
+                  description=".txt or .jsonl; empty = bundled English corpus"),
+    ParameterSpec("calibration_samples", _checked(int, _positive("calibration_samples")), S, default=64),
+    ParameterSpec("calibration_seq_len", _checked(int, _positive("calibration_seq_len")), S, default=128),
+    ParameterSpec("calibration_batch_size", _checked(int, _positive("calibration_batch_size")), S, default=8),
+    ParameterSpec("calibration_tokenizer", str, S, default="",
+                  description="tokenizer path; empty = the first model's"),
+    ParameterSpec("max_stats_gib", _checked(float, _positive_float("max_stats_gib")), S, default=4.0,
+                  description="activation statistics held at once; more passes if exceeded"),
+    ParameterSpec("alignment", _checked(str, _saved), S, default="",
+                  description="directory written by mergekit-mudsc-align; skips the search"),
+)
+
+
+@functools.lru_cache(maxsize=32)
+def _planning_check(models: tuple) -> None:
+    check_models(describe_models(models))
+
+
+class MuDSCMerge(GroupMergeMethod):
+    """Align units across models (dual-space similarity), then average."""
+
+    spec = MergeMethodSpec(
+        name="mudsc",
+        pretty_name=PRETTY_NAME,
+        reference_url=REFERENCE_URL,
+        parameters=PARAMETERS,
+        contract=InputContract(base=BasePolicy.FORBIDDEN, min_inputs=2),
+    )
+
+    def validate_inputs(
+        self,
+        input_ids: Sequence[Hashable],
+        base_id: Optional[Hashable] = None,
+        *,
+        group_name: Optional[str] = None,
+    ) -> None:
+        if base_id is not None:
+            raise ValueError(
+                "mudsc merges models without a common base (they may come from different "
+                "initializations): remove `base_model:` from the YAML"
+            )
+        if len(input_ids) < 2:
+            raise ValueError("mudsc needs at least 2 models under `models:`")
+        super().validate_inputs(input_ids, base_id, group_name=group_name)
+        _planning_check(tuple(input_ids))
+
+    def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
+        entries = group.entries
+        name = group.metadata.name or "<tensor>"
+        models = [entry.id for entry in entries]
+        device = entries[0].tensor.device
+        solver = SolverOptions(
+            alpha=float(params["alpha"]),
+            mode=params["mode"],
+            iterations=int(params["iterations"]),
+            patience=int(params["patience"]),
+            seed=int(params["seed"]),
+        )
+        calibration = CalibrationOptions(
+            path=params["calibration"] or None,
+            samples=int(params["calibration_samples"]),
+            seq_len=int(params["calibration_seq_len"]),
+            batch_size=int(params["calibration_batch_size"]),
+            tokenizer=params["calibration_tokenizer"] or None,
+            max_stats_gib=float(params["max_stats_gib"]),
+        )
+        result = cached_alignment(models, solver, calibration, params["alignment"] or None, device)
+        tensor_spec = result.spec.tensors.get(name)
+        if tensor_spec is None:
+            if name in result.spec.buffers:
+                return entries[0].tensor
+            raise ValueError(
+                f"mudsc: tensor {name} has no place in the {result.spec.architecture} "
+                "permutation spec; it cannot be merged without breaking the alignment"
+            )
+        weights = [float(params["weight"][entry.id]) for entry in entries]
+        merged = merge_tensor(
+            tensor_spec, [entry.tensor for entry in entries], weights, result.alignment
+        )
+        return merged.to(entries[0].tensor.dtype)
+
+
+mudsc_merge_method = MuDSCMerge()
