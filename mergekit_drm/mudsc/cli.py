@@ -37,7 +37,7 @@ def _options(parameters: Dict[str, Any]):
         raw = parameters.get(name, spec.default)
         if isinstance(raw, (list, dict)):
             raise ValueError(f"mudsc parameter `{name}` must be one value for the whole model; got {raw!r}")
-        values[name] = TypeAdapter(spec.type).validate_python(raw)
+        values[name] = TypeAdapter(spec.value_type).validate_python(raw)
     unknown = sorted(set(parameters) - set(known) - {"weight"})
     if unknown:
         raise ValueError(f"unknown mudsc parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
