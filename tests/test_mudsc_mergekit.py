@@ -233,3 +233,17 @@ def test_align_cli_refuses_before_writing(models, tmp_path, capsys):
     config.write_text(yaml.safe_dump(yaml_config([m["path_a"], m["path_b"]], alpha=1.0)))
     assert align_main([str(config), "--alignment-out", str(saved)]) == 2
     assert (saved / "keep.txt").read_text() == "mine" and not (saved / "alignment.json").exists()
+
+
+def test_successive_merges_in_one_process_may_change_parameters(models, tmp_path):
+    """The alignment cache lives for one merge: a later merge of the same models
+    with other parameters (mergekit-multi, notebooks) must not be refused."""
+    m = models["gpt2"]
+    engine.clear_cache()
+    for i, alpha in enumerate((1.0, 0.0, 1.0)):
+        config = yaml_config([m["path_a"], m["path_b"]], alpha=alpha)
+        out = str(tmp_path / f"out{i}")
+        run_merge(MergeConfiguration.model_validate(config), out, options=MergeOptions(), config_source=yaml.safe_dump(config))
+        merged = model_class("gpt2").from_pretrained(out).eval()
+        ids = sample_inputs("gpt2")
+        assert torch.allclose(outputs(merged, ids), outputs(m["a"], ids), atol=1e-5, rtol=1e-4)

@@ -65,7 +65,7 @@ class Alignment:
 
         os.makedirs(directory, exist_ok=True)
         tensors = {
-            f"{group}/{space}/{i}": index.to(torch.int64).contiguous()
+            f"{group}/{space}/{i}": index.to(torch.int64).contiguous().clone()
             for group, spaces in self.maps.items()
             for space, indices in spaces.items()
             for i, index in enumerate(indices)

@@ -358,6 +358,22 @@ def cached_alignment(
         return result
 
 
+def begin_merge(models: Sequence[Any]) -> None:
+    """Forget alignments of these models: a new merge (planning) starts.
+
+    Called from the method's planning hook, so parameters may differ between
+    merges in one process (``mergekit-multi``, notebooks) while they must stay
+    fixed within one merge, and edited checkpoints are never served stale.
+    """
+    names = tuple(str(m) for m in models)
+    with _cache_lock:
+        _first_key.pop(names, None)
+        for key in [k for k in _cache if k[0] == names]:
+            del _cache[key]
+        for key in [k for k in _errors if k[0] == names]:
+            del _errors[key]
+
+
 def load_saved(models: Sequence[Any], directory: str, solver: Optional[SolverOptions] = None) -> AlignmentResult:
     sources = describe_models(models)
     spec = check_models(sources)

@@ -67,57 +67,82 @@ def zip_flat(
     a: float = 0.5,
     b: float = 1.0,
 ) -> Tuple[List[torch.Tensor], float]:
-    """ZipIt greedy matching on the full (N*O)^2 similarity, down to ``target`` units."""
+    """ZipIt greedy matching on the full (N*O)^2 similarity, down to ``target`` units.
+
+    Repeatedly fuses the most similar pair of live features (within or across
+    models); the fused feature re-enters with the element-wise minimum of the
+    two rows times ``a`` (``a <= 0`` bars it from fusing again). Each model may
+    take part in ``b * (to_remove // N)`` within-model fusions, after which its
+    within-model similarities are barred. Row maxima are cached, so a fusion
+    costs O(N*O) rather than a scan of the whole matrix; the loop runs in numpy
+    (single-threaded small vector ops; torch's thread pool only adds latency).
+    """
     n = similarity.shape[0]
     units = n // num_models
-    sim = similarity.detach().to("cpu", torch.float32).clone()
-    if not torch.isfinite(sim).all():
+    sim = similarity.detach().to("cpu", torch.float32).numpy().copy()
+    if not np.isfinite(sim).all():
         raise FloatingPointError("similarity matrix has NaN or infinite entries")
-    sim.fill_diagonal_(NEG)
-    owner = torch.arange(n) // units
+    np.fill_diagonal(sim, NEG)
+    owner = np.arange(n) // units
     members: List[List[int]] = [[u] for u in range(n)]
-    alive = torch.ones(n, dtype=torch.bool)
+    alive = np.ones(n, dtype=bool)
     to_remove = n - target
     budget = int(b * (to_remove // num_models))
     used = [0] * num_models
     scores = []
+    row_arg = sim.argmax(axis=1)
+    row_best = sim[np.arange(n), row_arg]
+
+    def rescan(rows: np.ndarray) -> None:
+        if rows.size:
+            args = sim[rows].argmax(axis=1)
+            row_arg[rows] = args
+            row_best[rows] = sim[rows, args]
 
     def close_model(m: int) -> None:
         block = slice(m * units, (m + 1) * units)
         sim[block, block] = NEG
+        rescan(np.arange(m * units, (m + 1) * units))
 
     for m in range(num_models):
         if budget <= 0:
             close_model(m)
     remaining = n
     while remaining > target:
-        flat = int(torch.argmax(sim))
-        r, c = divmod(flat, n)
-        best = float(sim[r, c])
+        r = int(row_best.argmax())
+        c = int(row_arg[r])
+        best = float(row_best[r])
         if best == NEG:
             raise RuntimeError("zip ran out of admissible pairs; lower the same-model budget")
         if r > c:
             r, c = c, r
         scores.append(best)
+        members[r].extend(members[c])
+        members[c] = []
+        alive[c] = False
+        if a <= 0:
+            fused = np.full(n, NEG, dtype=np.float32)
+        else:
+            fused = np.minimum(sim[r], sim[c]) * np.float32(a)
+            fused[~alive] = NEG
+        fused[r] = NEG
+        sim[r, :] = fused
+        sim[:, r] = fused
+        sim[c, :] = NEG
+        sim[:, c] = NEG
+        row_best[c] = NEG
+        # rows whose best partner was r or c rescan; the others can only gain via column r
+        stale = ((row_arg == r) | (row_arg == c)) & alive
+        stale[r] = True
+        gain = (fused > row_best) & alive & ~stale
+        row_best[gain] = fused[gain]
+        row_arg[gain] = r
+        rescan(np.flatnonzero(stale))
         if owner[r] == owner[c]:
             m = int(owner[r])
             used[m] += 1
             if used[m] >= budget:
                 close_model(m)
-        members[r].extend(members[c])
-        members[c] = []
-        alive[c] = False
-        if a <= 0:
-            sim[r, :] = NEG
-            sim[:, r] = NEG
-        else:
-            fused = torch.minimum(sim[r], sim[c]) * a
-            fused[~alive] = NEG
-            sim[r, :] = fused
-            sim[:, r] = fused
-            sim[r, r] = NEG
-        sim[c, :] = NEG
-        sim[:, c] = NEG
         remaining -= 1
     slots = [s for s in range(n) if alive[s]]
     slots.sort(key=lambda s: min(members[s]))

@@ -9,8 +9,8 @@ that one alignment (``alignment.merge_tensor``).
 
 from __future__ import annotations
 
-import functools
 import os
+import re
 from typing import Any, Hashable, Optional, Sequence
 
 import torch
@@ -30,6 +30,7 @@ from mergekit_drm.mudsc.alignment import merge_tensor
 from mergekit_drm.mudsc.calibration import check_calibration_path
 from mergekit_drm.mudsc.engine import (
     CalibrationOptions,
+    begin_merge,
     cached_alignment,
     check_models,
     describe_models,
@@ -127,9 +128,7 @@ PARAMETERS = (
 )
 
 
-@functools.lru_cache(maxsize=32)
-def _planning_check(models: tuple) -> None:
-    check_models(describe_models(models))
+_SLICE_CALL = re.compile(r"\.slices\[\d+\]$")
 
 
 class MuDSCMerge(GroupMergeMethod):
@@ -158,7 +157,12 @@ class MuDSCMerge(GroupMergeMethod):
         if len(input_ids) < 2:
             raise ValueError("mudsc needs at least 2 models under `models:`")
         super().validate_inputs(input_ids, base_id, group_name=group_name)
-        _planning_check(tuple(input_ids))
+        # mergekit calls this once per output slice while planning (group_name
+        # "<module>.slices[<i>]"), then once per tensor task. The slice-level
+        # call is the start of a merge: check the models, reset the cache.
+        if group_name is not None and _SLICE_CALL.search(group_name):
+            check_models(describe_models(input_ids))
+            begin_merge(input_ids)
 
     def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
         entries = group.entries
