@@ -19,3 +19,18 @@ def test_perf_benchmark_quick_mode(tmp_path):
     rows = [row for row in rows if row[1].strip()[0].isdigit()]
     assert len(rows) == 12 and all(float(row[7]) <= 1e-8 for row in rows)
     assert "## Memory of one tensor's merge" in text
+
+
+@pytest.mark.slow
+def test_mudsc_cost_benchmark_quick_mode(tmp_path):
+    from benchmarks.perf import bench_mudsc
+
+    out = tmp_path / "mudsc_scale.md"
+    bench_mudsc.main(["--quick", "--out", str(out)])
+    text = out.read_text()
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| 1.0 |") or line.startswith("| 0.5 |")]
+    assert len(rows) == 2
+    for row in rows:
+        align_s, sweeps, rss = float(row[2]), int(row[4]), float(row[5])
+        assert align_s > 0 and 1 <= sweeps <= 100 and rss > 100
+    assert "`linear` merge of the same pair" in text

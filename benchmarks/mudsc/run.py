@@ -54,7 +54,7 @@ MUDSC_METHODS: List[MethodEntry] = [
         "mode": mode,
         "calibration": CALIBRATION,
         "calibration_samples": 64,
-        "seq_len": 128,
+        "calibration_seq_len": 128,
     })
     for mode in ("align", "zip")
     for alpha in (0.0, 0.5, 1.0)

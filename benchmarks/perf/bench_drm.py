@@ -50,12 +50,23 @@ def finetune_like(n_models: int, rows: int, cols: int, seed: int, dtype=torch.fl
     return out
 
 
+MERGE_FLAGS: list = []  # extra mergekit-yaml flags (--cuda with --device cuda)
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _time(fn, reps: int):
+    """Median wall time; GPU work is synchronized before and after each call."""
     times = []
     result = None
     for _ in range(reps):
+        _sync()
         start = time.perf_counter()
         result = fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
 
@@ -174,7 +185,7 @@ def run_merge_measured(config_path: str, out: str):
     start = time.perf_counter()
     proc = subprocess.run(
         ["/usr/bin/time", "-f", "%M", exe, config_path, out, "--no-copy-tokenizer",
-         "--no-write-model-card"],
+         "--no-write-model-card", *MERGE_FLAGS],
         capture_output=True, text=True,
     )
     wall = time.perf_counter() - start
@@ -245,8 +256,11 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="kernel timing repetitions")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 = reproducible on a loaded machine)")
     parser.add_argument("--device", default="cpu", help="device for the kernel table (cuda if available)")
+    parser.add_argument("--full-width", action="store_true",
+                        help="the real shapes 4096x4096, 14336x4096, 4096x14336 (GPU or a patient CPU)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    MERGE_FLAGS[:] = ["--cuda"] if args.device.startswith("cuda") else []
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for mergekit-yaml children
@@ -263,6 +277,8 @@ def main(argv=None) -> int:
         # time budget (a 71680x4096 SVD alone takes many minutes on 2 cores).
         shapes, counts, reps, runs = [(1024, 1024), (3584, 1024), (1024, 3584)], [2, 3, 5], 3, args.runs
         model = dict(hidden=1024, intermediate=2816, layers=8, vocab=32000, n_ft=3)
+    if args.full_width and not args.quick:
+        shapes = [(4096, 4096), (14336, 4096), (4096, 14336)]
     if args.reps:
         reps = args.reps
     if not args.skip_kernel:

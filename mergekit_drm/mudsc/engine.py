@@ -261,10 +261,11 @@ def compute_alignment(
     spec = check_models(sources)
     if solver.alpha < 1.0:
         check_calibration_path(calibration.path)
-    weights = [load_weights(source, spec, device) for source in sources]
     activation = None
     if solver.alpha < 1.0:
+        # before the weights are loaded: the calibration models are freed first
         activation = _activations(sources, spec, solver, calibration, device, progress)
+    weights = [load_weights(source, spec, device) for source in sources]
     say = (lambda message: log.info(message)) if progress else None
     alignment = solve(spec, weights, activation, solver, progress=say)
     alignment.metadata["models"] = [s.path for s in sources]
