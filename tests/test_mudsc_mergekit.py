@@ -247,3 +247,39 @@ def test_successive_merges_in_one_process_may_change_parameters(models, tmp_path
         merged = model_class("gpt2").from_pretrained(out).eval()
         ids = sample_inputs("gpt2")
         assert torch.allclose(outputs(merged, ids), outputs(m["a"], ids), atol=1e-5, rtol=1e-4)
+
+
+def test_alpha_one_needs_no_data_and_no_forward_pass(models, monkeypatch):
+    m = models["llama"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was run although alpha = 1.0 is data-free")
+
+    monkeypatch.setattr(engine, "_hf_model", refuse)
+    monkeypatch.setattr(engine, "_activations", refuse)
+    from mergekit_drm.mudsc.solver import SolverOptions
+
+    result = engine.compute_alignment(
+        [m["path_a"], m["path_b"]], SolverOptions(alpha=1.0),
+        engine.CalibrationOptions(path="/nonexistent/never-read.txt"),
+    )
+    assert recovered(result.alignment, m["planted"])
+
+
+def test_statistics_split_into_passes_give_the_same_similarities(models):
+    """A memory cap below one tap's statistics runs one calibration pass per
+    tap; the similarities must not change."""
+    import transformers
+
+    m = models["gpt2"]
+    sources = engine.describe_models([m["path_a"], m["path_b"]])
+    spec = engine.check_models(sources)
+    nets = [transformers.GPT2LMHeadModel.from_pretrained(s.path).eval() for s in sources]
+    tokens = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
+    for full in (False, True):
+        one = engine.activation_similarity(nets, spec, tokens, full=full, batch_size=4)
+        many = engine.activation_similarity(nets, spec, tokens, full=full, batch_size=4, max_stats_bytes=1)
+        assert one.keys() == many.keys()
+        for group in one:
+            for space in one[group]:
+                assert torch.allclose(one[group][space], many[group][space], atol=1e-6)

@@ -179,10 +179,11 @@ def test_entry_point(tmp_path):
         from importlib.metadata import entry_points
         eps = entry_points(group="mergekit.merge_methods")
         print(sorted(ep.name for ep in eps))
-        method = eps["drm"].load()
         import mergekit.merge_methods as m
-        print(method.spec.name, m.get("drm") is method)
+        for name in ("drm", "mudsc"):
+            method = eps[name].load()
+            print(method.spec.name, m.get(name) is method)
         """,
         tmp_path,
     )
-    assert out == ["['drm']", "drm", "True"]
+    assert out == ["['drm',", "'mudsc']", "drm", "True", "mudsc", "True"]
