@@ -3,7 +3,8 @@
 Both of MuDSC's similarities are Pearson correlations between units, computed
 over a *sample* axis: tokens for activations, the entries of each unit's
 attached weights for the weight space. Samples arrive in chunks (batches,
-tensors), so the sums are accumulated in float64 and the correlation is
+tensors): each chunk is shifted by a per-unit reference (the first chunk's
+mean), multiplied in float32 and accumulated in float64; the correlation is
 formed once at the end.
 
 ``full=False`` (alignment) keeps only what matching against model 0 needs:
@@ -29,6 +30,7 @@ class Comoments:
         self.units = units
         self.full = full
         self.count = 0
+        self.shift: Optional[torch.Tensor] = None
         dev = device or "cpu"
         f64 = torch.float64
         self.sums = torch.zeros(num_models, units, dtype=f64, device=dev)
@@ -39,22 +41,31 @@ class Comoments:
             self.products = torch.zeros(max(num_models - 1, 0), units, units, dtype=f64, device=dev)
 
     def add(self, samples: Sequence[torch.Tensor]) -> None:
-        """Add one chunk: ``samples[i]`` is (S, O) for model i, same S for all."""
-        xs = [x.to(self.sums.device, torch.float64) for x in samples]
+        """Add one chunk: ``samples[i]`` is (S, O) for model i, same S for all.
+
+        Each chunk is shifted by the first chunk's per-unit mean (which
+        removes the cancellation in E[xy] - E[x]E[y]), multiplied in float32
+        (GEMM speed on CPU and GPU) and accumulated in float64.
+        """
+        xs = [x.to(self.sums.device, torch.float32) for x in samples]
         s = xs[0].shape[0]
         for i, x in enumerate(xs):
             if x.shape != (s, self.units):
                 raise ValueError(
                     f"model {i}: expected samples of shape ({s}, {self.units}), got {tuple(x.shape)}"
                 )
-            self.sums[i] += x.sum(0)
-            self.squares[i] += (x * x).sum(0)
+        if self.shift is None:
+            self.shift = torch.stack([x.mean(0) for x in xs])
+        xs = [x - self.shift[i] for i, x in enumerate(xs)]
+        for i, x in enumerate(xs):
+            self.sums[i] += x.sum(0, dtype=torch.float64)
+            self.squares[i] += (x * x).sum(0, dtype=torch.float64)
         if self.full:
             stacked = torch.cat(xs, dim=1)
-            self.products.addmm_(stacked.T, stacked)
+            self.products += (stacked.T @ stacked).to(torch.float64)
         else:
             for i in range(1, len(xs)):
-                self.products[i - 1].addmm_(xs[0].T, xs[i])
+                self.products[i - 1] += (xs[0].T @ xs[i]).to(torch.float64)
         self.count += s
 
     def correlation(self) -> torch.Tensor:
