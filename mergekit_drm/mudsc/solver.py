@@ -241,7 +241,7 @@ def solve(
     sweeps = 0
     if options.alpha > 0.0:
         rng = np.random.default_rng(options.seed)
-        best_maps, best = copy.deepcopy(maps), float("-inf")
+        best_maps, best, best_scores = copy.deepcopy(maps), float("-inf"), dict(scores)
         stale = 0
         for sweep in range(options.iterations):
             for k in rng.permutation(len(groups)):
@@ -252,12 +252,14 @@ def solve(
             say(f"mudsc sweep {sweep + 1}: mean matched similarity {objective:.6f}")
             if objective > best + 1e-9:
                 best, best_maps, stale = objective, copy.deepcopy(maps), 0
+                best_scores = dict(scores)
             else:
                 stale += 1
                 maps = copy.deepcopy(best_maps)
                 if stale >= options.patience:
                     break
         maps = best_maps
+        scores = best_scores
     elif scores:
         history.append(float(np.mean(list(scores.values()))))
     return Alignment(
@@ -271,6 +273,7 @@ def solve(
             "seed": options.seed,
             "sweeps": sweeps,
             "objective_history": history,
+            "group_scores": dict(scores),
             "solve_seconds": time.perf_counter() - started,
             "architecture": spec.architecture,
         },
