@@ -49,7 +49,12 @@ CONFIGS = {
     ),
 }
 
-MODEL_CLASSES = {"bert": transformers.BertForSequenceClassification}
+CONFIGS["bert_mlm"] = CONFIGS["bert"]  # BertForMaskedLM: decoder tied to the word embeddings
+
+MODEL_CLASSES = {
+    "bert": transformers.BertForSequenceClassification,
+    "bert_mlm": transformers.BertForMaskedLM,
+}
 
 
 def model_class(arch: str):
@@ -71,8 +76,8 @@ def make_tokenizer():
 def build_model(arch: str, seed: int = 0):
     torch.manual_seed(seed)
     config = CONFIGS[arch]()
-    if arch == "bert":
-        return transformers.BertForSequenceClassification(config).eval()
+    if arch in MODEL_CLASSES:
+        return MODEL_CLASSES[arch](config).eval()
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     # Random init leaves norm scales at 1 and biases at 0: make them distinct
     # so every tensor carries information (and a wrong map shows).
