@@ -10,7 +10,6 @@ the original, so the planting itself is verified independently of mudsc.
 
 from __future__ import annotations
 
-import os
 from typing import Dict, Tuple
 
 import numpy as np

@@ -28,22 +28,29 @@ from mergekit_drm.mudsc.specs import AxisSpec, PermutationSpec, TensorSpec
 FORMAT_VERSION = 1
 
 
+Maps = Dict[str, Dict[str, List[torch.Tensor]]]
+
+
+def axis_index(maps: Maps, axis: AxisSpec, model: int) -> torch.Tensor:
+    """Merged position of every entry of a (possibly fused) axis."""
+    parts, offset = [], 0
+    for seg in axis.segments:
+        parts.append(maps[seg.group][seg.space][model] + offset)
+        offset += seg.length
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
 @dataclass
 class Alignment:
     num_models: int
-    maps: Dict[str, Dict[str, List[torch.Tensor]]]
+    maps: Maps
     metadata: Dict[str, Any] = field(default_factory=dict)
     _permutation: Optional[bool] = field(default=None, repr=False, compare=False)
 
     # --- per-axis views ---------------------------------------------------
 
     def axis_index(self, axis: AxisSpec, model: int) -> torch.Tensor:
-        """Merged position of every entry of a (possibly fused) axis."""
-        parts, offset = [], 0
-        for seg in axis.segments:
-            parts.append(self.maps[seg.group][seg.space][model] + offset)
-            offset += seg.length
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        return axis_index(self.maps, axis, model)
 
     def is_permutation(self) -> bool:
         if self._permutation is None:
@@ -113,15 +120,21 @@ class Alignment:
                         )
 
 
-def _move_in(tensor: torch.Tensor, axis: int, index: torch.Tensor, size: int) -> torch.Tensor:
-    """out[index[u]] += tensor[u] along ``axis`` (a gather when it is a permutation)."""
+def move_in(tensor: torch.Tensor, axis: int, index: torch.Tensor, size: int, mean: bool = False) -> torch.Tensor:
+    """out[index[u]] += tensor[u] along ``axis`` (a gather when it is a permutation).
+
+    ``mean`` divides each merged slot by the number of entries sent to it.
+    """
     index = index.to(tensor.device)
-    if len(index) == size and bool((torch.bincount(index, minlength=size) == 1).all()):
+    counts = torch.bincount(index, minlength=size)
+    if len(index) == size and bool((counts == 1).all()):
         return tensor.index_select(axis, torch.argsort(index))
     out_shape = list(tensor.shape)
     out_shape[axis] = size
     out = tensor.new_zeros(out_shape)
     out.index_add_(axis, index, tensor)
+    if mean:
+        out /= _along(counts.clamp_min(1).to(out.dtype), axis, out.dim())
     return out
 
 
@@ -162,10 +175,10 @@ def merge_tensor(
     for i, tensor in enumerate(tensors):
         t = tensor.to(compute_dtype)
         for axis in in_axes:
-            t = _move_in(t, axis.axis, alignment.axis_index(axis, i), axis.length)
+            t = move_in(t, axis.axis, alignment.axis_index(axis, i), axis.length)
         if out_axes:
             axis = out_axes[0]
-            t = _move_in(t * _along(coef[i], axis.axis, t.dim()), axis.axis,
+            t = move_in(t * _along(coef[i], axis.axis, t.dim()), axis.axis,
                          alignment.axis_index(axis, i), axis.length)
         else:
             t = t * (float(weights[i]) / total)
@@ -179,5 +192,5 @@ def permute_tensor(spec: TensorSpec, tensor: torch.Tensor, alignment: Alignment,
         raise ValueError("mudsc: permuted copies need an alignment (mode: align), not zip")
     t = tensor
     for axis in spec.axes:
-        t = _move_in(t, axis.axis, alignment.axis_index(axis, model), axis.length)
+        t = move_in(t, axis.axis, alignment.axis_index(axis, model), axis.length)
     return t

@@ -17,18 +17,16 @@ import shutil
 import sys
 from typing import Any, Dict, List, Optional
 
-import torch
 import yaml
 
 from mergekit_drm.mudsc.alignment import permute_tensor
-from mergekit_drm.mudsc.engine import AlignmentResult, CalibrationOptions, compute_alignment
-from mergekit_drm.mudsc.solver import SolverOptions
+from mergekit_drm.mudsc.engine import AlignmentResult, compute_alignment
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def _options(parameters: Dict[str, Any]):
-    from mergekit_drm.mudsc.method import PARAMETERS
+    from mergekit_drm.mudsc.method import PARAMETERS, alignment_options
     from pydantic import TypeAdapter
 
     known = {p.name: p for p in PARAMETERS}
@@ -41,19 +39,7 @@ def _options(parameters: Dict[str, Any]):
     unknown = sorted(set(parameters) - set(known) - {"weight"})
     if unknown:
         raise ValueError(f"unknown mudsc parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    solver = SolverOptions(
-        alpha=values["alpha"], mode=values["mode"], iterations=values["iterations"],
-        patience=values["patience"], seed=values["seed"],
-    )
-    calibration = CalibrationOptions(
-        path=values["calibration"] or None,
-        samples=values["calibration_samples"],
-        seq_len=values["calibration_seq_len"],
-        batch_size=values["calibration_batch_size"],
-        tokenizer=values["calibration_tokenizer"] or None,
-        max_stats_gib=values["max_stats_gib"],
-    )
-    return solver, calibration
+    return alignment_options(values)
 
 
 def _refuse_existing(path: Optional[str], force: bool) -> None:

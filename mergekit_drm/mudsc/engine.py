@@ -16,15 +16,15 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from mergekit_drm.mudsc.alignment import Alignment
 from mergekit_drm.mudsc.calibration import check_calibration_path, load_texts, token_windows
 from mergekit_drm.mudsc.similarity import Comoments
-from mergekit_drm.mudsc.solver import SolverOptions, similarity_spaces, solve
-from mergekit_drm.mudsc.specs import PermutationSpec, UnsupportedArchitecture, build_spec
+from mergekit_drm.mudsc.solver import SolverOptions, solve
+from mergekit_drm.mudsc.specs import PermutationSpec, build_spec
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,7 @@ def check_models(sources: Sequence[ModelSource]) -> PermutationSpec:
     first = sources[0]
     spec = build_spec(first.config, first.names)
     for source in sources[1:]:
-        if getattr(source.config, "model_type", None) != spec.architecture and spec.architecture not in (
-            getattr(source.config, "model_type", None),
-        ):
+        if getattr(source.config, "model_type", None) != spec.architecture:
             raise ValueError(
                 f"mudsc: {source.path} is a {source.config.model_type!r} model and "
                 f"{first.path} a {first.config.model_type!r} model; all models must share one architecture"
@@ -349,7 +347,7 @@ def cached_alignment(
             raise _errors[key]
         try:
             if saved:
-                result = load_saved(models, saved, solver)
+                result = load_saved(models, saved)
             else:
                 result = compute_alignment(models, solver, calibration, device=device, progress=True)
         except BaseException as error:
@@ -375,7 +373,7 @@ def begin_merge(models: Sequence[Any]) -> None:
             del _errors[key]
 
 
-def load_saved(models: Sequence[Any], directory: str, solver: Optional[SolverOptions] = None) -> AlignmentResult:
+def load_saved(models: Sequence[Any], directory: str) -> AlignmentResult:
     sources = describe_models(models)
     spec = check_models(sources)
     alignment = Alignment.load(directory)

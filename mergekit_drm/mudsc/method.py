@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Hashable, Optional, Sequence
+from typing import Any, Hashable, Mapping, Optional, Sequence, Tuple
 
 import torch
 from pydantic import AfterValidator
@@ -128,6 +128,26 @@ PARAMETERS = (
 )
 
 
+def alignment_options(values: Mapping[str, Any]) -> Tuple[SolverOptions, CalibrationOptions]:
+    """The search and calibration settings from validated parameter values."""
+    solver = SolverOptions(
+        alpha=float(values["alpha"]),
+        mode=values["mode"],
+        iterations=int(values["iterations"]),
+        patience=int(values["patience"]),
+        seed=int(values["seed"]),
+    )
+    calibration = CalibrationOptions(
+        path=values["calibration"] or None,
+        samples=int(values["calibration_samples"]),
+        seq_len=int(values["calibration_seq_len"]),
+        batch_size=int(values["calibration_batch_size"]),
+        tokenizer=values["calibration_tokenizer"] or None,
+        max_stats_gib=float(values["max_stats_gib"]),
+    )
+    return solver, calibration
+
+
 _SLICE_CALL = re.compile(r"\.slices\[\d+\]$")
 
 
@@ -169,21 +189,7 @@ class MuDSCMerge(GroupMergeMethod):
         name = group.metadata.name or "<tensor>"
         models = [entry.id for entry in entries]
         device = entries[0].tensor.device
-        solver = SolverOptions(
-            alpha=float(params["alpha"]),
-            mode=params["mode"],
-            iterations=int(params["iterations"]),
-            patience=int(params["patience"]),
-            seed=int(params["seed"]),
-        )
-        calibration = CalibrationOptions(
-            path=params["calibration"] or None,
-            samples=int(params["calibration_samples"]),
-            seq_len=int(params["calibration_seq_len"]),
-            batch_size=int(params["calibration_batch_size"]),
-            tokenizer=params["calibration_tokenizer"] or None,
-            max_stats_gib=float(params["max_stats_gib"]),
-        )
+        solver, calibration = alignment_options(params)
         result = cached_alignment(models, solver, calibration, params["alignment"] or None, device)
         tensor_spec = result.spec.tensors.get(name)
         if tensor_spec is None:

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from mergekit_drm.mudsc.alignment import Alignment
+from mergekit_drm.mudsc.alignment import Alignment, Maps, axis_index, move_in
 from mergekit_drm.mudsc.matching import (
     align_flat,
     head_maps,
@@ -47,8 +47,6 @@ class SolverOptions:
     seed: int = 0
 
 
-Maps = Dict[str, Dict[str, List[torch.Tensor]]]
-
 
 def similarity_spaces(group: Group) -> List[str]:
     return ["q", "k", "v"] if group.is_attention else [s for s, _ in group.spaces]
@@ -64,34 +62,12 @@ def identity_maps(spec: PermutationSpec, num_models: int) -> Maps:
 # --- weight-space features ------------------------------------------------------
 
 
-def _axis_index(maps: Maps, axis, model: int) -> torch.Tensor:
-    parts, offset = [], 0
-    for seg in axis.segments:
-        parts.append(maps[seg.group][seg.space][model] + offset)
-        offset += seg.length
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-
-def _map_mean(t: torch.Tensor, axis: int, index: torch.Tensor, size: int) -> torch.Tensor:
-    """Each merged slot gets the mean of this model's entries mapped to it."""
-    index = index.to(t.device)
-    counts = torch.bincount(index, minlength=size)
-    if len(index) == size and bool((counts == 1).all()):
-        return t.index_select(axis, torch.argsort(index))
-    shape = list(t.shape)
-    shape[axis] = size
-    out = t.new_zeros(shape).index_add_(axis, index, t)
-    counts = counts.clamp_min(1).to(t.dtype)
-    view = [1] * t.dim()
-    view[axis] = -1
-    return out / counts.reshape(view)
-
-
 def _neighbour_mapped(spec_t: TensorSpec, tensor: torch.Tensor, keep: int, maps: Maps, model: int):
     t = tensor
     for axis in spec_t.axes:
         if axis.axis != keep:
-            t = _map_mean(t, axis.axis, _axis_index(maps, axis, model), axis.length)
+            # each merged slot: the mean of this model's entries mapped to it
+            t = move_in(t, axis.axis, axis_index(maps, axis, model), axis.length, mean=True)
     return t
 
 

@@ -19,8 +19,8 @@ unaligned.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + ("gpt2", "bert")
@@ -48,8 +48,7 @@ class HeadLayout:
 class Tap:
     """Where a space's activations are read: a module's input or output.
 
-    ``start``/``stop`` slice the last dimension (GPT-2's fused ``c_attn``);
-    ``first_token_only`` keeps one position per sequence (BERT's pooler).
+    ``start``/``stop`` slice the last dimension (GPT-2's fused ``c_attn``).
     """
 
     module: str
@@ -57,7 +56,6 @@ class Tap:
     space: str
     start: int = 0
     stop: Optional[int] = None
-    first_token_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,25 +107,11 @@ class PermutationSpec:
     # first model if the mergekit architecture lists them.
     buffers: Tuple[str, ...] = ()
 
-    def group_order(self) -> List[str]:
-        return list(self.groups)
-
     def tensors_touching(self, group: str) -> List[TensorSpec]:
         return [
             t for t in self.tensors.values()
             if any(s.group == group for a in t.axes for s in a.segments)
         ]
-
-    def stats_bytes(self, num_models: int, full: bool) -> int:
-        """Float64 co-moment memory of all taps (activation statistics)."""
-        total = 0
-        for group in self.groups.values():
-            sizes = group.space_sizes
-            for tap in group.taps:
-                o = sizes[tap.space]
-                blocks = (num_models * o) ** 2 if full else (num_models - 1) * o * o
-                total += 8 * blocks
-        return total
 
 
 # --- builders ---------------------------------------------------------------
