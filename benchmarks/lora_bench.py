@@ -10,7 +10,7 @@ density 0.2 (the method's defaults).
 * ``dense (svd=auto)``: fold every adapter (scale * B @ A, n x m each) and run
   ``drm_merge_matrix`` with its default decomposition route (``svd: auto``:
   a Gram/eigh or full-SVD route chosen by a cost model in
-  ``drm/decompose.py``), which is what the full-model ``drm`` merge runs.
+  ``decompose.py``), which is what the full-model ``drm`` merge runs.
 * ``dense (svd=full)``: the same with the full SVD of the N*n x m stack (the
   reference implementation's route).
 
@@ -207,7 +207,7 @@ def _auto_route(width):
     try:
         import torch
 
-        from mergekit_drm.drm.decompose import choose_route, rank_floor
+        from mergekit_drm.decompose import choose_route, rank_floor
 
         # vertical: DRM-H of the transposes, p = width (input axis), N*q = N*width
         shape = (width, N_ADAPTERS * width)

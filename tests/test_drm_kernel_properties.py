@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergekit_drm.drm import decompose
+from mergekit_drm import decompose
 from mergekit_drm.drm.kernel import (
     drm_merge_matrix,
     elementwise_merge,

@@ -33,7 +33,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from mergekit_drm.drm.decompose import SvdMode, low_rank_factors
+from mergekit_drm.decompose import SvdMode, low_rank_factors
 
 Direction = Literal["vertical", "horizontal"]
 

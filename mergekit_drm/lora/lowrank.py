@@ -42,7 +42,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_drm.drm.decompose import rank_floor
+from mergekit_drm.decompose import rank_floor
 from mergekit_drm.drm.kernel import Direction, check_matrix_options, merge_in_basis
 
 Factors = Tuple[torch.Tensor, torch.Tensor]  # (B: n x r, A: r x m), delta = B @ A

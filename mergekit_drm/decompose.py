@@ -1,4 +1,4 @@
-"""The joint decomposition DRM needs, by one of several exact routes.
+"""Joint decompositions of stacked task vectors, by one of several exact routes (shared by every SVD method).
 
 DRM only uses the singular triplets above ``rank_tol * sigma_max``. For a stack
 of N deltas (p, q) sharing the left basis, the matrix is A = [D_1 | ... | D_N]
