@@ -1,0 +1,120 @@
+"""Iso-C and Iso-CTS (Marczak et al., "No Task Left Behind", ICML 2025, arXiv 2502.04959) on plain tensors.
+
+Per matrix, with task deltas D_1..D_T (n x m), r = min(n, m) and the
+task-arithmetic sum S = sum_t w_t D_t:
+
+* Iso-C: SVD S = U diag(s) Vh; replace every singular value by their mean:
+  merged = mean(s) * U Vh (an isotropic spectrum; the nuclear norm of S is kept).
+* Iso-CTS: the common subspace is S's top k triplets, k ~ common_space_fraction
+  * r; each task adds the top s_t triplets of its residual w_t D_t - U_k U_k^T
+  w_t D_t (the part outside the common output subspace), with (r - k) split
+  equally over the tasks. The concatenated U and Vh are orthogonalised by their
+  polar factors and the spectrum made isotropic (the mean of all kept singular
+  values). common_space_fraction = 1 is Iso-C.
+
+"Every singular value" means those above the numerical-rank floor (see
+``subspace``): for full-rank S this is the paper's definition; for low-rank S
+(LoRA adapters) the arbitrary null-space directions are left out instead of
+being lifted to the mean. Both return factors (``*_factors``) so a LoRA merge
+stays low rank. Nothing here knows about mergekit; the adapter is ``method.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+
+from mergekit_drm.decompose import SvdMode
+from mergekit_drm.subspace import Triplets, orthogonalized_factors, truncated_svd
+
+Factors = Tuple[torch.Tensor, torch.Tensor]
+
+
+def subspace_sizes(r: int, n_tasks: int, common_space_fraction: float) -> Tuple[int, int]:
+    """(common k, per-task s) with k + T*s = r, k ~ fraction * r.
+
+    As the authors' code: k0 = floor(fraction * r); s = round((r - k0) / T) so
+    the task-specific part divides equally; k = r - T*s. Here s is also capped
+    at floor(r / T) so that k is never negative.
+    """
+    if not 0 <= common_space_fraction <= 1:
+        raise ValueError(f"common_space_fraction must be in [0, 1], got {common_space_fraction}")
+    k0 = int(math.floor(common_space_fraction * r + 1e-9))
+    per_task = min(round((r - k0) / n_tasks), r // n_tasks)
+    return r - n_tasks * per_task, per_task
+
+
+def iso_c_factors(total: torch.Tensor, *, svd: SvdMode = "auto") -> Factors:
+    """Iso-C of the summed delta ``total`` as factors (mean(s) U, Vh)."""
+    u, s, vh = truncated_svd(total, svd=svd)
+    if s.numel() == 0:
+        return total.new_zeros(total.shape[0], 0), total.new_zeros(0, total.shape[1])
+    return u * s.mean(), vh
+
+
+def iso_cts_factors(
+    total: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    *,
+    common_space_fraction: float = 0.8,
+    svd: SvdMode = "auto",
+) -> Factors:
+    """Iso-CTS as factors; ``deltas`` are the weighted task vectors summing to ``total``."""
+    n, m = total.shape
+    k, per_task = subspace_sizes(min(n, m), len(deltas), common_space_fraction)
+    common_u, common_s, common_vh = truncated_svd(total, k, svd=svd)
+    parts: list[Triplets] = [(common_u, common_s, common_vh)]
+    if per_task > 0:
+        for delta in deltas:
+            residual = delta - common_u @ (common_u.T @ delta)
+            parts.append(truncated_svd(residual, per_task, svd=svd))
+    sigma = torch.cat([s for _, s, _ in parts])
+    if sigma.numel() == 0:
+        return total.new_zeros(n, 0), total.new_zeros(0, m)
+    us = torch.cat([u for u, _, _ in parts], dim=1)
+    vhs = torch.cat([vh for _, _, vh in parts], dim=0)
+    return orthogonalized_factors(us, torch.full_like(sigma, float(sigma.mean())), vhs, svd=svd)
+
+
+def _weighted(deltas, weights, compute_dtype):
+    stack = [d.to(compute_dtype) for d in deltas]
+    if not stack:
+        raise ValueError("at least one delta is needed")
+    weights = [1.0] * len(stack) if weights is None else list(weights)
+    if len(weights) != len(stack):
+        raise ValueError(f"expected {len(stack)} weights, got {len(weights)}")
+    if stack[0].dim() != 2:
+        raise ValueError(f"Iso-C/Iso-CTS merge matrices, got a tensor of shape {tuple(stack[0].shape)}")
+    return [d * w for d, w in zip(stack, weights)]
+
+
+def iso_c_merge_matrix(
+    deltas: Sequence[torch.Tensor] | torch.Tensor,
+    weights: Sequence[float] | None = None,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    svd: SvdMode = "auto",
+) -> torch.Tensor:
+    """Merge T task vectors of one matrix with Iso-C; returns the merged delta."""
+    weighted = _weighted(deltas, weights, compute_dtype)
+    left, right = iso_c_factors(torch.stack(weighted).sum(0), svd=svd)
+    return left @ right
+
+
+def iso_cts_merge_matrix(
+    deltas: Sequence[torch.Tensor] | torch.Tensor,
+    weights: Sequence[float] | None = None,
+    *,
+    common_space_fraction: float = 0.8,
+    compute_dtype: torch.dtype = torch.float32,
+    svd: SvdMode = "auto",
+) -> torch.Tensor:
+    """Merge T task vectors of one matrix with Iso-CTS; returns the merged delta."""
+    weighted = _weighted(deltas, weights, compute_dtype)
+    left, right = iso_cts_factors(
+        torch.stack(weighted).sum(0), weighted,
+        common_space_fraction=common_space_fraction, svd=svd,
+    )
+    return left @ right
