@@ -4,7 +4,8 @@ mergekit 0.1.5 compares tensor shapes only when a tensor is merged, after the
 output directory was created and possibly after shards were written. The one
 hook a method gets during planning is ``validate_inputs``, called once per
 output tensor with the model references. These helpers answer what it needs
-from safetensors headers alone (no tensor data is read) and from each model's
+from safetensors headers and memory-mapped ``.bin`` checkpoints (no tensor
+data is read), from the planning task on the call stack, and from each model's
 config, cached and thread-safe (``--multi-gpu`` runs tasks in threads).
 """
 
@@ -13,7 +14,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import struct
+import sys
 import threading
 from typing import Any, Dict, Hashable, Optional, Sequence, Tuple
 
@@ -39,20 +42,114 @@ def safetensors_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def stored_shape(model: Any, tensor_name: str) -> Optional[Tuple[int, ...]]:
-    """Shape of ``tensor_name`` in a mergekit ``ModelReference``, if knowable cheaply."""
+_bin_shapes: Dict[str, Dict[str, Tuple[int, ...]]] = {}
+
+
+def bin_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
+    """Shapes in a PyTorch ``.bin`` checkpoint, memory-mapped: no tensor data is read."""
+    with _header_lock:
+        cached = _bin_shapes.get(path)
+    if cached is not None:
+        return cached
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # legacy (non-zip) format: cannot be mapped, so not checked here
+        state = {}
+    shapes = {
+        key: tuple(value.shape) for key, value in state.items() if hasattr(value, "shape")
+    }
+    del state
+    with _header_lock:
+        _bin_shapes[path] = shapes
+    return shapes
+
+
+def _index(model: Any) -> Optional[Any]:
     try:
         from mergekit.io.tasks import LoaderCache
 
-        index = LoaderCache().get(model).index
+        return LoaderCache().get(model).index
     except Exception:  # not a ModelReference, or not loadable: nothing to check
         return None
-    if not index.is_safetensors:
+
+
+def stored_shape(model: Any, tensor_name: str) -> Optional[Tuple[int, ...]]:
+    """Shape of ``tensor_name`` in a mergekit ``ModelReference``, if knowable cheaply."""
+    index = _index(model)
+    if index is None:
         return None
     shard = index.tensor_paths.get(tensor_name)
     if shard is None:
         return None
-    return safetensors_shapes(os.path.join(index.base_path, shard)).get(tensor_name)
+    path = os.path.join(index.base_path, shard)
+    if index.is_safetensors:
+        return safetensors_shapes(path).get(tensor_name)
+    return bin_shapes(path).get(tensor_name)
+
+
+_SLICE_CALL = re.compile(r"\.slices\[\d+\]$")
+
+
+def is_slice_call(group_name: Optional[str]) -> bool:
+    """mergekit calls ``validate_inputs`` once per output slice while planning
+    (group_name ``<module>.slices[<i>]``), then once per tensor task."""
+    return group_name is not None and _SLICE_CALL.search(group_name) is not None
+
+
+def planned_task() -> Optional[Any]:
+    """The ``ExecuteMergeMethodTask`` whose validator is calling the method, if any.
+
+    The per-tensor ``validate_inputs`` call comes from that task's own
+    validator; its ``self`` holds each model's tensor name, aliases and
+    optionality and the parameters resolved for this tensor.
+    """
+    adapter = sys.modules.get("mergekit.merge_methods.task_adapter")
+    task_type = getattr(adapter, "ExecuteMergeMethodTask", None)
+    if task_type is None:
+        return None
+    frame = sys._getframe(1)
+    for _ in range(8):
+        if frame is None:
+            return None
+        task = frame.f_locals.get("self")
+        if isinstance(task, task_type):
+            return task
+        frame = frame.f_back
+    return None
+
+
+def input_weights(task: Any) -> Optional[Dict[Any, Any]]:
+    """Model -> ``WeightInfo`` read by a planned tensor task."""
+    gather = task.gather_tensors
+    while not hasattr(gather, "weight_info") and hasattr(gather, "gather_tensors"):
+        gather = gather.gather_tensors
+    weights = getattr(gather, "weight_info", None)
+    return dict(weights.items()) if weights is not None else None
+
+
+def check_present(tensor_name: str, models: Sequence[Any], task: Optional[Any]) -> None:
+    """Raise if a required tensor is in none of a model's names (mergekit would
+    otherwise fail only while merging, after creating the output directory)."""
+    weights = input_weights(task) if task is not None else None
+    if not weights:
+        return
+    missing, present = [], []
+    for model in models:
+        info = weights.get(model)
+        index = _index(model)
+        if info is None or index is None or info.optional:
+            continue
+        names = (info.name,) + tuple(info.aliases or ()) + tuple(info.tied_names or ())
+        (present if any(n in index.tensor_paths for n in names) else missing).append(str(model))
+    if missing:
+        found = f" (it is in {', '.join(present)})" if present else ""
+        raise ValueError(
+            f"Tensor {tensor_name} is missing from {', '.join(missing)}{found}. All models "
+            "must share the base model's architecture; remove that model from the YAML or "
+            "use a complete checkpoint."
+        )
 
 
 @functools.lru_cache(maxsize=None)

@@ -33,6 +33,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from mergekit_drm.checks import check_finite_stack
 from mergekit_drm.decompose import SvdMode, low_rank_factors
 
 Direction = Literal["vertical", "horizontal"]
@@ -186,8 +187,12 @@ def check_matrix_options(direction, density, rank_tol, compute_dtype) -> None:
         )
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
-    if rank_tol < 0:
-        raise ValueError(f"rank_tol must be >= 0, got {rank_tol}")
+    if not 0 <= rank_tol < 1:
+        raise ValueError(
+            f"rank_tol must be in [0, 1), got {rank_tol}: singular values below "
+            "rank_tol * sigma_max are dropped, so 1 or more would drop every direction "
+            "and merge nothing"
+        )
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError("compute_dtype must be torch.float32 or torch.float64")
 
@@ -216,6 +221,7 @@ def drm_merge_matrix(
     stack = _stack(deltas, compute_dtype, writable=False)
     if stack.dim() != 3:
         raise ValueError(f"expected N matrices, got a stack of shape {tuple(stack.shape)}")
+    check_finite_stack(stack, method="drm_merge_matrix", what="delta")
     n_models = stack.shape[0]
     weights_t = _weights(weights, n_models, stack)
     if direction == "vertical":
@@ -255,6 +261,7 @@ def elementwise_merge(
     its default, no trim, is reproduced exactly.
     """
     stack = _stack(deltas, compute_dtype, writable=True)
+    check_finite_stack(stack, method="elementwise_merge", what="delta")
     n_models = stack.shape[0]
     weights_t = _weights(weights, n_models, stack)
     densities = [density] * n_models if isinstance(density, (int, float)) else list(density)

@@ -25,8 +25,15 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 from mergekit_drm.architectures import matrix_layout
+from mergekit_drm.checks import check_finite, check_parameter_names, planned_configuration
 from mergekit_drm.drm.kernel import drm_merge_matrix, elementwise_merge
-from mergekit_drm.preflight import check_same_shapes, model_config
+from mergekit_drm.preflight import (
+    check_present,
+    check_same_shapes,
+    is_slice_call,
+    model_config,
+    planned_task,
+)
 
 PRETTY_NAME = "DRM"
 REFERENCE_URL = "https://arxiv.org/abs/2505.23117"
@@ -43,11 +50,18 @@ def _fraction(name: str, meaning: str):
     return Annotated[float, AfterValidator(check)]
 
 
-def _non_negative(name: str, meaning: str):
+RANK_TOL_MEANING = (
+    "singular values below rank_tol * sigma_max are dropped, so 0 keeps every "
+    "direction above rounding, 0.01 (default) the directions above 1% of the largest, "
+    "and 1 or more would drop them all and return the base model unchanged"
+)
+
+
+def _rank_tol():
     def check(value: float) -> float:
-        if value < 0:
+        if not 0 <= value < 1:
             raise ValueError(
-                f"drm parameter `{name}` must be >= 0 ({meaning}); got {value}"
+                f"drm parameter `rank_tol` must be in [0, 1) ({RANK_TOL_MEANING}); got {value}"
             )
         return value
 
@@ -89,7 +103,7 @@ PARAMETERS = (
     ),
     ParameterSpec(
         "rank_tol",
-        _non_negative("rank_tol", "singular values below rank_tol * sigma_max are dropped"),
+        _rank_tol(),
         ParameterScope.SHARED,
         default=0.01,
     ),
@@ -113,6 +127,15 @@ PARAMETERS = (
         ParameterScope.SHARED, default="float32",
     ),
 )
+
+
+def _check_one_density(name: str, densities) -> None:
+    densities = set(densities)
+    if len(densities) > 1:
+        raise ValueError(
+            f"drm prunes jointly over all models, so `density` must be one value "
+            f"for {name}; got {sorted(densities)}. Set it once under `parameters:`."
+        )
 
 
 class DRMMerge(GroupMergeMethod):
@@ -146,19 +169,30 @@ class DRMMerge(GroupMergeMethod):
                 "the fine-tuned models under `models:`."
             )
         super().validate_inputs(input_ids, base_id, group_name=group_name)
-        if group_name:
+        if is_slice_call(group_name):
+            check_parameter_names(planned_configuration(), self.spec)
+        elif group_name:
+            task = planned_task()
+            check_present(group_name, input_ids, task)
             check_same_shapes(group_name, input_ids)
+            if task is not None:
+                _check_one_density(
+                    group_name,
+                    [task.input_parameters[m]["density"] for m in input_ids if m != base_id],
+                )
 
     def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
         base = group.base.tensor
         entries = group.non_base
         name = group.metadata.name or "<tensor>"
+        check_finite(
+            base, method="drm", tensor_name=name, model=f"{group.base.id} (the base model)",
+            fix="Repair or re-download the base checkpoint; every merged tensor adds to it.",
+        )
+        for entry in entries:
+            check_finite(entry.tensor, method="drm", tensor_name=name, model=entry.id)
         densities = {params["density"][entry.id] for entry in entries}
-        if len(densities) > 1:
-            raise ValueError(
-                f"drm prunes jointly over all models, so `density` must be one value "
-                f"for {name}; got {sorted(densities)}. Set it once under `parameters:`."
-            )
+        _check_one_density(name, densities)
         compute_dtype = getattr(torch, params["compute_dtype"])
         weights = [params["weight"][entry.id] for entry in entries]
         base_c = base.to(compute_dtype)

@@ -1,0 +1,167 @@
+"""Input checks shared by every method: finite values and parameter names.
+
+A NaN or inf in one input entry does not fail a merge by itself: DRM's Gram
+route reads it as an all-zero stack (the clean models' changes are lost too),
+the elementwise path copies it to the output, a full SVD raises an unnamed
+``LinAlgError``. So every entry point checks its inputs first and names the
+tensor, the model and the fix.
+
+mergekit 0.1.5 drops parameter names a method does not declare, and gives a
+method no handle on the merge configuration. The one place a method runs
+while the whole configuration exists is the slice-level ``validate_inputs``
+call made by ``MergePlanner.normalize_config``; ``planned_configuration``
+finds the planner there on the call stack.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import sys
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# "warn" (default) logs unknown parameter names, "error" refuses the merge.
+UNKNOWN_PARAMETERS_ENV = "MERGEKIT_DRM_UNKNOWN_PARAMETERS"
+
+
+class NonFiniteError(ValueError):
+    """An input tensor holds NaN or inf."""
+
+
+def check_finite(
+    tensor: torch.Tensor,
+    *,
+    method: str,
+    tensor_name: str,
+    model: Optional[Any] = None,
+    fix: Optional[str] = None,
+) -> None:
+    """Raise ``NonFiniteError`` naming tensor and model if ``tensor`` is not all finite."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return
+    nan = int(torch.isnan(tensor).sum())
+    inf = int(torch.isinf(tensor).sum())
+    first = torch.nonzero(~torch.isfinite(tensor))[0].tolist()
+    of_model = f" of model {model}" if model is not None else ""
+    raise NonFiniteError(
+        f"{method}: tensor {tensor_name}{of_model} holds {nan} NaN and {inf} inf "
+        f"value(s) (first at index {tuple(first)}); a merge would spread them or silently "
+        "drop every model's change to this tensor. "
+        + (fix or "Repair or re-export that checkpoint (a diverged fine-tune?), or remove "
+           "the model from `models:`.")
+    )
+
+
+def closest(name: str, known: Iterable[str]) -> Optional[str]:
+    matches = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def planned_configuration() -> Optional[Any]:
+    """The ``MergeConfiguration`` mergekit is planning, if a planner is on the stack.
+
+    Returns None outside ``MergePlanner`` (e.g. a method called directly), so
+    callers must treat the configuration as optional.
+    """
+    plan = sys.modules.get("mergekit.plan")
+    planner_type = getattr(plan, "MergePlanner", None)
+    if planner_type is None:
+        return None
+    frame = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, planner_type):
+            return candidate.config
+        frame = frame.f_back
+    return None
+
+
+def parameter_scopes(config: Any) -> Iterator[Tuple[str, bool, Mapping[str, Any]]]:
+    """(where, per_model, settings) for every ``parameters:`` mapping of a configuration."""
+    if config.parameters:
+        yield "parameters", False, config.parameters
+    for model in config.models or ():
+        if model.parameters:
+            yield f"the parameters of model {model.model}", True, model.parameters
+    slices = list(enumerate(config.slices or ()))
+    for name, module in (config.modules or {}).items():
+        if module.parameters:
+            yield f"modules.{name}.parameters", False, module.parameters
+        for model in module.models or ():
+            if model.parameters:
+                yield f"the parameters of model {model.model}", True, model.parameters
+        slices.extend(enumerate(module.slices or ()))
+    for index, output_slice in slices:
+        if output_slice.parameters:
+            yield f"slices[{index}].parameters", False, output_slice.parameters
+        for source in output_slice.sources:
+            if source.parameters:
+                yield f"the parameters of model {source.model}", True, source.parameters
+
+
+def parameter_name_problems(config: Any, spec: Any) -> List[str]:
+    """One sentence per parameter name the method would silently ignore."""
+    known = {p.name for p in spec.parameters}
+    per_model = {p.name for p in spec.input_parameters}
+    problems = []
+    for where, is_model, settings in parameter_scopes(config):
+        for key in settings:
+            if key not in known:
+                guess = closest(key, known)
+                hint = f"; did you mean `{guess}`?" if guess else ""
+                problems.append(
+                    f"`{key}` under {where} is not a {spec.name} parameter and would be "
+                    f"ignored{hint} (known: {', '.join(sorted(known))})"
+                )
+            elif is_model and key not in per_model:
+                problems.append(
+                    f"`{key}` under {where} applies to the whole merge, not to one model, "
+                    "and would be ignored there: move it to the top-level `parameters:`"
+                )
+    return problems
+
+
+def check_parameter_names(config: Any, spec: Any) -> None:
+    """Warn about (or, with MERGEKIT_DRM_UNKNOWN_PARAMETERS=error, refuse) ignored names."""
+    if config is None:
+        return
+    problems = parameter_name_problems(config, spec)
+    if not problems:
+        return
+    mode = os.environ.get(UNKNOWN_PARAMETERS_ENV, "warn").strip().lower()
+    text = "; ".join(problems)
+    if mode == "error":
+        raise ValueError(
+            f"{text}. Fix the name, or unset {UNKNOWN_PARAMETERS_ENV} to only warn."
+        )
+    log.warning(
+        "%s (set %s=error to refuse such a configuration)", text, UNKNOWN_PARAMETERS_ENV
+    )
+
+
+def setting_values(config: Any, name: str) -> List[Tuple[str, Any]]:
+    """(where, raw setting) for every place ``name`` is set in a configuration."""
+    return [
+        (where, settings[name])
+        for where, _, settings in parameter_scopes(config)
+        if name in settings
+    ]
+
+
+
+def check_finite_stack(stack: torch.Tensor, *, method: str, what: str) -> None:
+    """Raise naming the position in a stack (N, ...) of plain tensors that is not finite."""
+    if bool(torch.isfinite(stack).all()):
+        return
+    for index in range(stack.shape[0]):
+        check_finite(
+            stack[index], method=method, tensor_name=f"{what} {index} (0-based)",
+            fix="Pass finite tensors.",
+        )

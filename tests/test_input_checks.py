@@ -1,0 +1,179 @@
+"""Inputs that used to merge silently wrong now fail, naming the problem.
+
+Non-finite values (every drm path, the kernels), missing tensors and .bin
+shape mismatches at planning time, and parameter names mergekit would drop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import mergekit_drm
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+from mergekit_drm.checks import UNKNOWN_PARAMETERS_ENV, NonFiniteError
+from mergekit_drm.drm.kernel import drm_merge_matrix, elementwise_merge
+from tests.tiny_models import CONFIGS, build_finetunes
+
+mergekit_drm.register_methods()  # in-process merges, with or without the .pth hook
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+NORM = "model.layers.0.input_layernorm.weight"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checks")
+    return build_finetunes("llama", str(root), count=2), root
+
+
+def _edited_copy(path: str, target: str, edit) -> str:
+    shutil.copytree(path, target)
+    weights = os.path.join(target, "model.safetensors")
+    state = load_file(weights)
+    edit(state)
+    save_file(state, weights, metadata={"format": "pt"})
+    return target
+
+
+def _poisoned(path, target, name, value=float("nan")):
+    def edit(state):
+        state[name][(1, 2) if state[name].dim() == 2 else (2,)] = value
+
+    return _edited_copy(path, target, edit)
+
+
+def _config(base, fts, **params):
+    return {
+        "merge_method": "drm",
+        "base_model": base,
+        "models": [{"model": p} for p in fts],
+        "parameters": {"density": 0.3, **params},
+        "dtype": "float32",
+    }
+
+
+def _run(config, out):
+    run_merge(
+        MergeConfiguration.model_validate(config), str(out),
+        MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True),
+    )
+
+
+def _nothing_written(out):
+    return not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize(
+    "where, tensor, params, value",
+    [
+        ("finetune", Q, {"svd": "gram"}, float("nan")),
+        ("finetune", Q, {"svd": "full"}, float("nan")),
+        ("finetune", Q, {"svd": "auto"}, float("inf")),
+        ("finetune", NORM, {}, float("nan")),  # elementwise path
+        ("finetune", Q, {"decompose": False}, float("-inf")),
+        ("base", Q, {}, float("nan")),
+        ("base", NORM, {}, float("nan")),
+    ],
+)
+def test_non_finite_input_fails_naming_tensor_and_model(models, tmp_path, where, tensor, params, value):
+    (base, ft1, ft2), _ = models
+    if where == "base":
+        base = _poisoned(base, str(tmp_path / "bad-base"), tensor, value)
+        culprit = base
+    else:
+        ft1 = _poisoned(ft1, str(tmp_path / "bad-ft"), tensor, value)
+        culprit = ft1
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteError) as info:
+        _run(_config(base, [ft1, ft2], **params), out)
+    message = str(info.value)
+    counts = "1 NaN and 0 inf" if value != value else "0 NaN and 1 inf"
+    assert tensor in message and culprit in message and counts in message
+    assert ("base model" in message) == (where == "base")
+    assert ("(1, 2)" if tensor == Q else "(2,)") in message
+    assert "Repair" in message
+    assert _nothing_written(out)
+
+
+def test_kernels_refuse_non_finite_deltas():
+    gen = torch.Generator().manual_seed(0)
+    deltas = torch.randn(3, 6, 5, generator=gen)
+    deltas[2, 4, 1] = float("nan")
+    for svd in ("gram", "full"):
+        with pytest.raises(NonFiniteError, match=r"delta 2 \(0-based\).*1 NaN.*\(4, 1\)"):
+            drm_merge_matrix(deltas, svd=svd)
+    with pytest.raises(NonFiniteError, match=r"delta 2 \(0-based\)"):
+        elementwise_merge(deltas)
+
+
+@pytest.mark.parametrize("rank_tol", [1.0, 2.5])
+def test_kernel_refuses_rank_tol_that_drops_everything(rank_tol):
+    with pytest.raises(ValueError, match=r"rank_tol must be in \[0, 1\).*drop every direction"):
+        drm_merge_matrix(torch.randn(2, 4, 3), rank_tol=rank_tol)
+
+
+def test_missing_tensor_fails_before_the_output_exists(models, tmp_path):
+    (base, ft1, ft2), _ = models
+    incomplete = _edited_copy(ft1, str(tmp_path / "incomplete"), lambda s: s.pop(Q))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as info:
+        _run(_config(base, [incomplete, ft2]), out)
+    message = str(info.value)
+    assert f"Tensor {Q} is missing from {incomplete}" in message and ft2 in message
+    assert not out.exists()
+
+
+def test_bin_checkpoint_shape_mismatch_fails_before_the_output_exists(models, tmp_path):
+    (base, ft1, _), _ = models
+    config = CONFIGS["llama"]()
+    config.intermediate_size = 40
+    other = str(tmp_path / "other-bin")
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    os.makedirs(other)
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.config.save_pretrained(other)
+    torch.save(model.state_dict(), os.path.join(other, "pytorch_model.bin"))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as info:
+        _run(_config(base, [ft1, other]), out)
+    message = str(info.value)
+    assert "different shapes" in message and "[48, 32]" in message and "[40, 32]" in message
+    assert "vocab" not in message
+    assert not out.exists()
+
+
+def test_misspelt_parameter_names_are_reported_with_the_closest_name(models, tmp_path, caplog, monkeypatch):
+    (base, ft1, ft2), _ = models
+    config = _config(base, [ft1, ft2], densty=0.5)
+    config["models"][0]["parameters"] = {"wieght": 2.0, "direction": "horizontal"}
+    monkeypatch.delenv(UNKNOWN_PARAMETERS_ENV, raising=False)
+    with caplog.at_level(logging.WARNING, logger="mergekit_drm.checks"):
+        _run(config, tmp_path / "warned")
+    text = caplog.text
+    assert "`densty` under parameters" in text and "did you mean `density`?" in text
+    assert "`wieght`" in text and "did you mean `weight`?" in text
+    assert f"`direction` under the parameters of model {ft1}" in text and "move it to the top-level" in text
+    monkeypatch.setenv(UNKNOWN_PARAMETERS_ENV, "error")
+    out = tmp_path / "refused"
+    with pytest.raises(ValueError, match="did you mean `density`"):
+        _run(config, out)
+    assert not out.exists()
+
+
+def test_known_parameter_names_are_not_reported(models, tmp_path, caplog, monkeypatch):
+    (base, ft1, ft2), _ = models
+    monkeypatch.setenv(UNKNOWN_PARAMETERS_ENV, "error")
+    config = _config(base, [ft1, ft2], rank_tol=0.0, direction="horizontal")
+    config["models"][0]["parameters"] = {"weight": 2.0, "density": 0.3}
+    with caplog.at_level(logging.WARNING, logger="mergekit_drm.checks"):
+        _run(config, tmp_path / "out")
+    assert "parameter" not in caplog.text
