@@ -1,14 +1,16 @@
 """DRM (and MuDSC) merge methods for mergekit.
 
-``import mergekit_drm`` registers the methods in mergekit's registry; it is
-idempotent. Users of plain ``mergekit-yaml`` need no import at all: the
-installed ``.pth`` hook registers them as soon as mergekit's method registry
-is imported (see ``_mergekit_drm_hook.py``).
+Importing the package (or any kernel in it) registers nothing and loads
+neither mergekit nor torch. Users of plain ``mergekit-yaml`` need no import at
+all: the installed ``.pth`` hook (``mergekit_drm/_hook.py``) registers the
+methods as soon as mergekit's method registry is imported. In-process users
+without the hook call ``mergekit_drm.register()``; it is idempotent.
 """
 
-from mergekit_drm.registration import METHOD_NAMES, register_methods
+from mergekit_drm.registration import METHOD_NAMES, register
+
+# The name of 0.1.0, where ``import mergekit_drm`` also registered.
+register_methods = register
 
 __version__ = "0.1.0"
-__all__ = ["METHOD_NAMES", "register_methods", "__version__"]
-
-register_methods()
+__all__ = ["METHOD_NAMES", "register", "register_methods", "__version__"]

@@ -3,12 +3,10 @@
 mergekit 0.1.5 has no plugin discovery, so plain ``mergekit-yaml`` (and any
 worker process it spawns) would never see ``merge_method: drm``. The installed
 ``mergekit_drm.pth`` imports this module at every interpreter start, so it must
-cost next to nothing: it imports only ``sys`` and never torch, mergekit or
-mergekit_drm (whose ``__init__`` imports both). It only puts a finder at the
-front of ``sys.meta_path`` that waits for ``mergekit.merge_methods`` and, once
-that module has finished executing, calls ``mergekit_drm.register_methods()``.
-It lives at the top level of site-packages, outside the package, for the same
-reason: importing anything inside ``mergekit_drm`` runs its ``__init__``.
+cost next to nothing: it and the package ``__init__`` import only the standard
+library, never torch or mergekit. It only puts a finder at the front of
+``sys.meta_path`` that waits for ``mergekit.merge_methods`` and, once that
+module has finished executing, calls ``mergekit_drm.register()``.
 """
 
 import sys
@@ -20,8 +18,8 @@ def _register():
     try:
         import mergekit_drm
     except ModuleNotFoundError as exc:
-        # The package was uninstalled but this file and its .pth were left
-        # behind: nothing to register, and nothing worth a warning.
+        # The package is being torn down or was blocked (sys.modules entry
+        # None): nothing to register, and nothing worth a warning.
         if exc.name == "mergekit_drm":
             return
         _warn(exc)
@@ -30,7 +28,7 @@ def _register():
         _warn(exc)
         return
     try:
-        mergekit_drm.register_methods()
+        mergekit_drm.register()
     except Exception as exc:
         _warn(exc)
 
@@ -120,7 +118,7 @@ def install():
         if not getattr(getattr(module, "__spec__", None), "_initializing", False):
             _register()
         # Mid-import (a thread importing it right now): our finder would come
-        # too late; that import's caller can `import mergekit_drm` itself.
+        # too late; that import's caller can call `mergekit_drm.register()`.
         return
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())

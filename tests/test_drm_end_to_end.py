@@ -18,12 +18,14 @@ import transformers
 import yaml
 from safetensors.torch import load_file
 
-import mergekit_drm  # noqa: F401  (registers the method for in-process merges)
+import mergekit_drm
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from mergekit_drm.drm.kernel import drm_merge_matrix, elementwise_merge
 from tests.tiny_models import CONFIGS, build_finetunes
+
+mergekit_drm.register()  # in-process merges, with or without the .pth hook
 
 
 def _load(path):

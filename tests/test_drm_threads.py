@@ -7,13 +7,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-import mergekit_drm  # noqa: F401
+import mergekit_drm
 from mergekit.common import ModelReference
 from mergekit.io.tasks import LoaderCache
 from mergekit.merge_methods import TensorGroup
 from mergekit_drm import preflight
 from mergekit_drm.drm.method import drm_merge_method
 from tests.tiny_models import build_finetunes
+
+mergekit_drm.register()  # in-process merges, with or without the .pth hook
 
 
 def _group(seed: int, shape=(48, 32), name="model.layers.0.mlp.up_proj.weight"):

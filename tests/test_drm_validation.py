@@ -17,6 +17,8 @@ from mergekit_drm.drm.kernel import drm_merge_matrix
 from mergekit_drm.drm.method import drm_merge_method
 from tests.tiny_models import CONFIGS, build_finetunes
 
+mergekit_drm.register()  # in-process merges, with or without the .pth hook
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):

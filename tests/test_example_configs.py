@@ -9,7 +9,9 @@ import yaml
 from mergekit import merge_methods
 from mergekit.config import MergeConfiguration
 
-import mergekit_drm  # noqa: F401
+import mergekit_drm
+
+mergekit_drm.register()  # in-process merges, with or without the .pth hook
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "example_configs").glob("*.yml"))
 

@@ -33,7 +33,7 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-import mergekit_drm  # noqa: F401  (registers drm for in-process mergekit runs)
+import mergekit_drm
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
@@ -41,6 +41,9 @@ from mergekit_drm.architectures import matrix_layout
 from mergekit_drm.drm.kernel import drm_merge_matrix
 from mergekit_drm.lora.cli import main
 from tests.tiny_models import CONFIGS, build_base
+
+mergekit_drm.register()  # in-process merges, with or without the .pth hook
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():

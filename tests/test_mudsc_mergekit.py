@@ -15,7 +15,7 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
 
-import mergekit_drm  # noqa: F401  (registers the methods)
+import mergekit_drm
 from mergekit_drm.mudsc import engine
 from mergekit_drm.mudsc.alignment import Alignment
 from mergekit_drm.mudsc.cli import main as align_main
@@ -30,6 +30,8 @@ from tests.mudsc_models import (
     save,
     spec_of,
 )
+
+mergekit_drm.register()  # in-process merges, with or without the .pth hook
 
 FAST = {"calibration_samples": 8, "calibration_seq_len": 32}
 

@@ -2,14 +2,14 @@
 
 The subprocess tests run the interpreter this suite runs under, so they need
 the package *installed* in it (`pip install -e .` or `pip install .`): the
-hook lives in site-packages (`mergekit_drm.pth` + `_mergekit_drm_hook.py`),
-not in the source tree. They run from a temporary directory so that the
+hook's `mergekit_drm.pth` lives in site-packages, not in the source tree. They run from a temporary directory so that the
 checkout on the current directory cannot stand in for the installed package.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import subprocess
@@ -44,9 +44,10 @@ def test_explicit_registration_is_idempotent():
     import mergekit_drm
     from mergekit import merge_methods
 
-    importlib.reload(mergekit_drm)  # runs __init__ (and its registration) again
-    mergekit_drm.register_methods()
-    mergekit_drm.register_methods()
+    importlib.reload(mergekit_drm)
+    mergekit_drm.register()
+    mergekit_drm.register()
+    mergekit_drm.register_methods()  # the 0.1.0 name
 
     method = merge_methods.get("drm")
     assert method.spec.name == "drm"
@@ -56,15 +57,15 @@ def test_explicit_registration_is_idempotent():
     assert names.count("drm") == 1
 
 
-def test_hook_registers_without_importing_the_package(tmp_path):
+def test_hook_registers_without_an_import(tmp_path):
     out = run_code(
         f"""
         import sys
-        assert "mergekit_drm" not in sys.modules
+        assert "mergekit_drm.drm.method" not in sys.modules
         import mergekit.merge_methods as m
         print(m.get("drm").spec.name)
         # Fired once, then inert; the module keeps its own loader.
-        from _mergekit_drm_hook import _Finder
+        from mergekit_drm._hook import _Finder
         print([f.armed for f in sys.meta_path if isinstance(f, _Finder)])
         mod = sys.modules["{TARGET}"]
         print(type(mod.__loader__).__name__, mod.__spec__.loader is mod.__loader__)
@@ -79,7 +80,7 @@ def test_hook_is_lazy(tmp_path):
         """
         import sys
         print("torch" in sys.modules, "mergekit" in sys.modules,
-              "mergekit_drm" in sys.modules, "_mergekit_drm_hook" in sys.modules)
+              "mergekit_drm.drm.method" in sys.modules, "mergekit_drm._hook" in sys.modules)
         """,
         tmp_path,
     )
@@ -89,27 +90,27 @@ def test_hook_is_lazy(tmp_path):
 def test_hook_startup_cost(tmp_path):
     """Not a benchmark: a generous bound that catches an eager import."""
     proc = run_python(["-X", "importtime", "-c", "pass"], tmp_path)
-    match = re.search(r"import time:\s*(\d+)\s*\|\s*(\d+)\s*\|\s*_mergekit_drm_hook$",
+    match = re.search(r"import time:\s*(\d+)\s*\|\s*(\d+)\s*\|\s*mergekit_drm\._hook$",
                       proc.stderr, re.M)
     assert match, NOT_INSTALLED
-    cumulative_us = int(match.group(2))
-    print(f"_mergekit_drm_hook import at start-up: {cumulative_us / 1000:.2f} ms")
+    cumulative_us = int(match.group(2))  # the package __init__ included
+    print(f"mergekit_drm._hook import at start-up: {cumulative_us / 1000:.2f} ms")
     assert cumulative_us < 20_000
 
 
 def test_hook_registers_at_once_if_mergekit_is_already_loaded(tmp_path):
     # -S: no .pth processing at start; import mergekit first, then let `site`
     # process the .pth files (the hook among them) by hand.
-    import _mergekit_drm_hook
+    import mergekit
 
-    site_dir = os.path.dirname(_mergekit_drm_hook.__file__)
+    site_dir = os.path.dirname(os.path.dirname(mergekit.__file__))
     out = run_code(
         f"""
         import site, sys
         paths = [{site_dir!r}]
         sys.path.extend(paths)
         import mergekit.merge_methods as m
-        assert "_mergekit_drm_hook" not in sys.modules
+        assert "mergekit_drm._hook" not in sys.modules
         for p in paths:
             site.addsitedir(p)
         print([x.spec.name for x in m.registered_methods()].count("drm"))
@@ -140,8 +141,27 @@ def test_hook_delegates_to_other_finders(tmp_path):
     assert out == ["1", "drm"], NOT_INSTALLED
 
 
-def test_stale_hook_without_package_is_a_silent_no_op(tmp_path):
-    # As if mergekit_drm had been removed but the .pth and hook left behind.
+def test_stale_pth_without_package_is_a_silent_no_op(tmp_path):
+    # As if the package were gone (a deleted editable checkout) but its .pth
+    # left behind: `site` must not print a traceback at every start.
+    import mergekit
+
+    site_dir = os.path.dirname(os.path.dirname(mergekit.__file__))
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "mergekit_drm.pth").write_text(
+        open(os.path.join(site_dir, "mergekit_drm.pth")).read()
+    )
+    proc = run_python(
+        ["-S", "-c", f"import site, sys; site.addsitedir({str(stale)!r}); "
+                     "print('mergekit_drm' in sys.modules)"],
+        tmp_path,
+    )
+    assert (proc.stdout.split(), proc.stderr) == (["False"], "")
+
+
+def test_hook_without_package_is_a_silent_no_op(tmp_path):
+    # The package blocked after start-up: the hook registers nothing, quietly.
     out = run_code(
         """
         import sys, warnings
@@ -156,34 +176,35 @@ def test_stale_hook_without_package_is_a_silent_no_op(tmp_path):
 
 
 def test_hook_warns_on_other_failures(monkeypatch):
-    import _mergekit_drm_hook
     import mergekit_drm
+    from mergekit_drm import _hook
 
     def broken():
         raise ValueError("boom")
 
-    monkeypatch.setattr(mergekit_drm, "register_methods", broken)
+    monkeypatch.setattr(mergekit_drm, "register", broken)
     with pytest.warns(RuntimeWarning, match=r"mergekit-drm.*ValueError: boom"):
-        _mergekit_drm_hook._register()
+        _hook._register()
 
     monkeypatch.undo()
     # An ImportError from inside the package is a failure too, not a no-op.
     monkeypatch.setitem(sys.modules, "mergekit_drm.drm.method", None)
     with pytest.warns(RuntimeWarning, match=r"ModuleNotFoundError.*mergekit_drm\.drm\.method"):
-        _mergekit_drm_hook._register()
+        _hook._register()
 
 
-def test_entry_point(tmp_path):
+def test_entry_points_match_the_registration_table(tmp_path):
+    from mergekit_drm.registration import METHODS
+
     out = run_code(
         """
+        import json
         from importlib.metadata import entry_points
-        eps = entry_points(group="mergekit.merge_methods")
-        print(sorted(ep.name for ep in eps))
         import mergekit.merge_methods as m
-        for name in ("drm", "mudsc"):
-            method = eps[name].load()
-            print(method.spec.name, m.get(name) is method)
+        eps = entry_points(group="mergekit.merge_methods")
+        print(json.dumps({ep.name: [ep.value, m.get(ep.name) is ep.load()] for ep in eps}))
         """,
         tmp_path,
     )
-    assert out == ["['drm',", "'mudsc']", "drm", "True", "mudsc", "True"]
+    assert {"drm", "mudsc"} <= set(METHODS)
+    assert json.loads(" ".join(out)) == {name: [target, True] for name, target in METHODS.items()}

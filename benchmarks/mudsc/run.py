@@ -68,8 +68,10 @@ QUICK_CALIBRATION_SAMPLES = 16
 
 
 def registered_method_names() -> List[str]:
-    import mergekit_drm  # noqa: F401  registers this package's methods (the .pth hook does too)
+    import mergekit_drm
     from mergekit import merge_methods
+
+    mergekit_drm.register()  # the .pth hook does this too; explicit is harmless
 
     return sorted(m.spec.name for m in merge_methods.registered_methods())
 
@@ -105,9 +107,11 @@ def run_yaml(config_path: Path, out_dir: Path, random_seed: int = 0) -> float:
     the wall time of ``run_merge``."""
     import yaml
 
-    import mergekit_drm  # noqa: F401
+    import mergekit_drm
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
+
+    mergekit_drm.register()
 
     text = Path(config_path).read_text()
     config = MergeConfiguration.model_validate(yaml.safe_load(text))

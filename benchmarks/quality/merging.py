@@ -45,9 +45,11 @@ def write_yaml(cfg: Dict, path: Path) -> Path:
 def run_yaml(config_path: Path, out_dir: Path, random_seed: int = 0) -> Path:
     """``mergekit-yaml <config> <out> --random-seed <s> --no-copy-tokenizer
     --no-write-model-card`` in-process."""
-    import mergekit_drm  # noqa: F401  (the .pth hook does this too; explicit is harmless)
+    import mergekit_drm
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
+
+    mergekit_drm.register()  # the .pth hook does this too; explicit is harmless
 
     from .tsv import register
 
