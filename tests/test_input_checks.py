@@ -177,3 +177,71 @@ def test_known_parameter_names_are_not_reported(models, tmp_path, caplog, monkey
     with caplog.at_level(logging.WARNING, logger="mergekit_drm.checks"):
         _run(config, tmp_path / "out")
     assert "parameter" not in caplog.text
+
+
+# --- the LoRA route (mergekit-drm-lora) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    from tests.test_lora_cli import build_set
+
+    root = str(tmp_path_factory.mktemp("lora_checks"))
+    return build_set(root, adapters={
+        "a1": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+        "a2": dict(r=3, lora_alpha=3, target_modules=["q_proj", "down_proj"]),
+    })
+
+
+def _lora_run(tmp_path, base, paths, params, name="merged"):
+    from tests.test_lora_cli import run_cli, yaml_config
+
+    config = yaml_config(base, paths, [1.0] * len(paths), {"density": 0.3, **params})
+    return run_cli(tmp_path, config, name=name, expect_ok=False)
+
+
+def test_lora_non_finite_factor_is_named_before_writing(tmp_path, adapters):
+    base, paths = adapters
+    bad = str(tmp_path / "bad-adapter")
+    shutil.copytree(paths["a2"], bad)
+    weights = os.path.join(bad, "adapter_model.safetensors")
+    state = load_file(weights)
+    key = next(k for k in state if "layers.1.mlp.down_proj.lora_B" in k)
+    state[key][0, 1] = float("inf")
+    save_file(state, weights)
+    out, result = _lora_run(tmp_path, base, [paths["a1"], bad], {})
+    assert result.exit_code != 0
+    assert "model.layers.1.mlp.down_proj.lora_B" in result.output and bad in result.output
+    assert "0 NaN and 1 inf" in result.output and "remove it from `models:`" in result.output
+    assert not out.exists()
+
+
+def test_lowrank_kernel_refuses_non_finite_factors():
+    from mergekit_drm.lora.lowrank import LoraFactors, drm_merge_lowrank
+
+    good = LoraFactors(B=torch.randn(5, 2), A=torch.randn(2, 4), scale=1.0)
+    bad = LoraFactors(B=torch.randn(5, 2), A=torch.randn(2, 4), scale=1.0)
+    bad.A[1, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"A of adapter 1 \(0-based\).*\(1, 3\)"):
+        drm_merge_lowrank([good, bad], shape=(5, 4))
+
+
+@pytest.mark.parametrize("rank_tol", [1.0, 3.0])
+def test_lora_cli_refuses_rank_tol_of_one_or_more(tmp_path, adapters, rank_tol):
+    base, paths = adapters
+    out, result = _lora_run(tmp_path, base, list(paths.values()), {"rank_tol": rank_tol})
+    assert result.exit_code != 0
+    assert "`rank_tol` must be in [0, 1)" in result.output and "drop them all" in result.output
+    assert not out.exists()
+
+
+def test_lora_cli_reports_misspelt_parameter_names(tmp_path, adapters, monkeypatch):
+    base, paths = adapters
+    monkeypatch.delenv(UNKNOWN_PARAMETERS_ENV, raising=False)
+    out, result = _lora_run(tmp_path, base, list(paths.values()), {"rank_tl": 0.05}, name="warned")
+    assert result.exit_code == 0, result.output
+    assert "`rank_tl`" in result.output and "did you mean `rank_tol`?" in result.output
+    monkeypatch.setenv(UNKNOWN_PARAMETERS_ENV, "error")
+    out, result = _lora_run(tmp_path, base, list(paths.values()), {"rank_tl": 0.05}, name="refused")
+    assert result.exit_code != 0 and "did you mean `rank_tol`?" in result.output
+    assert not out.exists()

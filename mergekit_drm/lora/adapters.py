@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from mergekit_drm.checks import NonFiniteError, check_finite
 from mergekit_drm.lora.lowrank import LoraFactors, lora_scale
 
 CONFIG_NAME = "adapter_config.json"
@@ -231,6 +232,16 @@ def load_adapter(path: str, label: Optional[str] = None) -> LoraAdapter:
             )
         if not (a.is_floating_point() and b.is_floating_point()):
             raise AdapterError(f"{label}: module {module} has non-float LoRA weights")
+        try:
+            for which, factor in (("lora_A", a), ("lora_B", b)):
+                check_finite(
+                    factor, method="mergekit-drm-lora", tensor_name=f"{module}.{which}",
+                    model=f"adapter {label}",
+                    fix="Repair or re-export that adapter (a diverged training run?), or "
+                    "remove it from `models:`.",
+                )
+        except NonFiniteError as exc:
+            raise AdapterError(str(exc)) from None
         rank = int(_pattern_value(rank_pattern, module, default_r))
         alpha = float(_pattern_value(alpha_pattern, module, default_alpha))
         if rank != a.shape[0]:

@@ -43,6 +43,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from mergekit_drm.decompose import rank_floor
+from mergekit_drm.checks import check_finite
 from mergekit_drm.drm.kernel import Direction, check_matrix_options, merge_in_basis
 
 Factors = Tuple[torch.Tensor, torch.Tensor]  # (B: n x r, A: r x m), delta = B @ A
@@ -210,6 +211,11 @@ def drm_merge_lowrank(
             raise ValueError(
                 f"adapter {index}: inner dimensions of B {tuple(adapter.B.shape)} "
                 f"and A {tuple(adapter.A.shape)} differ"
+            )
+        for which, factor in (("B", adapter.B), ("A", adapter.A)):
+            check_finite(
+                factor, method="drm_merge_lowrank", tensor_name=f"{which} of adapter {index} (0-based)",
+                fix="Pass finite factors.",
             )
 
     def cast(x: torch.Tensor) -> torch.Tensor:

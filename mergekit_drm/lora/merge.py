@@ -223,6 +223,7 @@ def plan_lora_merge(
     from mergekit.parameter_resolver import resolve_parameters
 
     from mergekit_drm.architectures import matrix_layout
+    from mergekit_drm.checks import UNKNOWN_PARAMETERS_ENV, parameter_name_problems
     from mergekit_drm.drm.method import drm_merge_method
 
     try:
@@ -248,6 +249,10 @@ def plan_lora_merge(
     if config.base_model.lora is not None:
         raise LoraMergeError("base_model must be a plain model, not base+adapter")
     warnings: List[str] = []
+    names = parameter_name_problems(config, drm_merge_method.spec)
+    if names and os.environ.get(UNKNOWN_PARAMETERS_ENV, "").strip().lower() == "error":
+        raise LoraMergeError("; ".join(names))
+    warnings.extend(names)
     if config.tokenizer is not None or config.tokenizer_source is not None:
         warnings.append("tokenizer settings are ignored: LoRA adapters keep the base vocabulary")
 
