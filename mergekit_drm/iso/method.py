@@ -1,0 +1,55 @@
+"""The ``iso_c`` and ``iso_cts`` merge methods: mergekit adapters around ``kernel.py``.
+
+Everything but the per-matrix kernel is shared with ``tsv_m`` in
+``subspace_method.py``.
+"""
+
+from __future__ import annotations
+
+from mergekit.merge_methods.base import ParameterScope, ParameterSpec
+from mergekit_drm.iso.kernel import iso_c_merge_matrix, iso_cts_merge_matrix
+from mergekit_drm.subspace_method import SubspaceMerge, common_parameters, fraction, method_spec
+
+REFERENCE_URL = "https://arxiv.org/abs/2502.04959"
+
+
+class IsoCMerge(SubspaceMerge):
+    """Isotropic merging in the common subspace (Iso-C)."""
+
+    spec = method_spec("iso_c", "Iso-C", REFERENCE_URL, common_parameters("iso_c"))
+
+    def merge_matrix(self, deltas, weights, params, compute_dtype):
+        return iso_c_merge_matrix(deltas, weights, compute_dtype=compute_dtype, svd=params["svd"])
+
+
+class IsoCTSMerge(SubspaceMerge):
+    """Isotropic merging in common and task-specific subspaces (Iso-CTS)."""
+
+    spec = method_spec(
+        "iso_cts", "Iso-CTS", REFERENCE_URL,
+        common_parameters("iso_cts") + [
+            ParameterSpec(
+                "common_space_fraction",
+                fraction(
+                    "iso_cts", "common_space_fraction",
+                    "share of each matrix's rank given to the common subspace",
+                    allow_zero=True,
+                ),
+                ParameterScope.SHARED,
+                default=0.8,
+                description="common subspace size / min(rows, cols) (paper: 0.8)",
+            ),
+        ],
+    )
+
+    def merge_matrix(self, deltas, weights, params, compute_dtype):
+        return iso_cts_merge_matrix(
+            deltas, weights,
+            common_space_fraction=params["common_space_fraction"],
+            compute_dtype=compute_dtype,
+            svd=params["svd"],
+        )
+
+
+iso_c_merge_method = IsoCMerge()
+iso_cts_merge_method = IsoCTSMerge()

@@ -1,0 +1,170 @@
+"""What the mergekit adapters of the subspace methods (TSV-M, Iso-C, Iso-CTS) share.
+
+Each method is a ``SubspaceMerge`` with its own name, paper, extra parameters
+and ``merge_matrix`` (a kernel call). This module decides which tensors take
+the SVD path, splits fused projections into their parts (``architectures.py``,
+as for ``drm``), gives every other tensor the weighted mean of the task
+vectors, applies ``lambda``, and validates parameters and inputs at planning
+time with the same checks and messages as ``drm``.
+
+Which tensors are decomposed: 2-D weights, as in both papers (their reference
+code decomposes exactly the 2-D tensors, minus an exclusion list). Tensors
+with a vocabulary axis (embeddings, output heads) take the mean instead, as
+``drm`` sends them to its elementwise path: their rows are per-token lookups
+that mergekit may re-index across tokenizers, not one linear map whose
+singular subspaces the methods reason about, and their SVD dominates the
+cost. ``decompose: false`` (with a filter) sends any other tensor to the mean,
+like the papers' exclusion list.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, List, Optional, Sequence
+
+import torch
+from pydantic import AfterValidator
+from typing_extensions import Annotated
+
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    GroupMergeMethod,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    TensorGroup,
+)
+from mergekit_drm.architectures import matrix_layout
+from mergekit_drm.preflight import check_same_shapes, model_config
+
+SVD_MODES = ("auto", "full", "gram")
+COMPUTE_DTYPES = ("float32", "float64")
+
+
+def choice(method: str, name: str, options: Sequence[str]):
+    def check(value: str) -> str:
+        if value not in options:
+            raise ValueError(
+                f"{method} parameter `{name}` must be one of {', '.join(options)}; "
+                f"got {value!r}"
+            )
+        return value
+
+    return Annotated[str, AfterValidator(check)]
+
+
+def fraction(method: str, name: str, meaning: str, *, allow_zero: bool = False, optional: bool = False):
+    """A float in (0, 1] (or [0, 1]); None passes when ``optional`` (= the default rule)."""
+    interval = "[0, 1]" if allow_zero else "(0, 1]"
+
+    def check(value):
+        if value is None and optional:
+            return value
+        if not ((0 <= value if allow_zero else 0 < value) and value <= 1):
+            raise ValueError(
+                f"{method} parameter `{name}` must be in {interval} ({meaning}); got {value}"
+            )
+        return value
+
+    return Annotated[Optional[float] if optional else float, AfterValidator(check)]
+
+
+def common_parameters(method: str) -> List[ParameterSpec]:
+    return [
+        ParameterSpec(
+            "weight", float, ParameterScope.NON_BASE, default=1.0,
+            description="per-model coefficient on the task vector, before the merge",
+        ),
+        ParameterSpec(
+            "lambda", float, ParameterScope.SHARED, default=1.0,
+            description="scale of the merged task vector (the papers' alpha)",
+        ),
+        ParameterSpec(
+            "decompose", bool, ParameterScope.SHARED, default=True,
+            description="false sends a tensor (use a filter) to the mean path",
+        ),
+        ParameterSpec("svd", choice(method, "svd", SVD_MODES), ParameterScope.SHARED, default="auto"),
+        ParameterSpec(
+            "compute_dtype", choice(method, "compute_dtype", COMPUTE_DTYPES),
+            ParameterScope.SHARED, default="float32",
+        ),
+    ]
+
+
+class SubspaceMerge(GroupMergeMethod):
+    """A per-matrix SVD merge of task vectors; subclasses set ``spec`` and ``merge_matrix``."""
+
+    def merge_matrix(
+        self, deltas: List[torch.Tensor], weights: List[float], params: dict, compute_dtype: torch.dtype
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def validate_inputs(
+        self,
+        input_ids: Sequence[Hashable],
+        base_id: Optional[Hashable] = None,
+        *,
+        group_name: Optional[str] = None,
+    ) -> None:
+        name = self.spec.name
+        where = f" (for {group_name})" if group_name else ""
+        if base_id is None or base_id not in input_ids:
+            raise ValueError(
+                f"{name} merges task vectors (fine-tuned minus base), so it needs the "
+                f"model the fine-tunes started from{where}: add `base_model: <path>` "
+                "to the YAML."
+            )
+        if len(input_ids) < 2:
+            raise ValueError(
+                f"{name} needs at least one model besides the base model{where}: list "
+                "the fine-tuned models under `models:`."
+            )
+        super().validate_inputs(input_ids, base_id, group_name=group_name)
+        if group_name:
+            check_same_shapes(group_name, input_ids)
+
+    def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
+        base = group.base.tensor
+        entries = group.non_base
+        name = group.metadata.name or "<tensor>"
+        compute_dtype = getattr(torch, params["compute_dtype"])
+        weights = [params["weight"][entry.id] for entry in entries]
+        base_c = base.to(compute_dtype)
+        deltas = [entry.tensor.to(compute_dtype) - base_c for entry in entries]
+        if params["decompose"] and group.metadata.vocabulary_axis is None and base.dim() == 2:
+            merged = self._merge_layout(deltas, weights, name, group, params, compute_dtype)
+        else:
+            # The papers' rule for what they do not decompose: the mean.
+            merged = sum(d * w for d, w in zip(deltas, weights)) / len(deltas)
+        del deltas
+        merged = merged * params["lambda"] + base_c
+        return merged.to(base.dtype)
+
+    def _merge_layout(self, deltas, weights, name, group, params, compute_dtype):
+        """Fused projections (q/k/v, gate/up in one tensor) merge part by part,
+        so a result does not depend on how a checkpoint packs its matrices."""
+        config = model_config(group.base.id)
+        model_type = getattr(config, "model_type", None) if config is not None else None
+        layout = matrix_layout(name, model_type, config, tuple(deltas[0].shape))
+        if layout.transposed:
+            deltas = [d.T for d in deltas]
+        if layout.parts is None:
+            merged = self.merge_matrix(deltas, weights, params, compute_dtype)
+        else:
+            merged = deltas[0].new_empty(deltas[0].shape)
+            for _, rows in layout.parts:
+                rows = rows.to(merged.device)
+                merged[rows] = self.merge_matrix(
+                    [d.index_select(0, rows) for d in deltas], weights, params, compute_dtype
+                )
+        return (merged.T if layout.transposed else merged).contiguous()
+
+
+def method_spec(name: str, pretty_name: str, reference_url: str, parameters) -> MergeMethodSpec:
+    return MergeMethodSpec(
+        name=name,
+        pretty_name=pretty_name,
+        reference_url=reference_url,
+        parameters=tuple(parameters),
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+    )
