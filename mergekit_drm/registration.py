@@ -14,6 +14,9 @@ import _thread
 METHODS = {
     "drm": "mergekit_drm.drm.method:drm_merge_method",
     "mudsc": "mergekit_drm.mudsc.method:mudsc_merge_method",
+    "tsv_m": "mergekit_drm.tsv_m.method:tsv_m_merge_method",
+    "iso_c": "mergekit_drm.iso.method:iso_c_merge_method",
+    "iso_cts": "mergekit_drm.iso.method:iso_cts_merge_method",
 }
 METHOD_NAMES = tuple(METHODS)
 
