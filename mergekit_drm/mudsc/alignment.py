@@ -25,7 +25,9 @@ import torch
 
 from mergekit_drm.mudsc.specs import AxisSpec, PermutationSpec, TensorSpec
 
-FORMAT_VERSION = 1
+# 2: the metadata records each model's identity and the parameters that shaped
+# the alignment, so a reuse with other models or parameters can be refused.
+FORMAT_VERSION = 2
 
 
 Maps = Dict[str, Dict[str, List[torch.Tensor]]]
@@ -96,14 +98,34 @@ class Alignment:
                 )
         with open(meta_path) as handle:
             meta = json.load(handle)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"mudsc: {directory!r} has alignment format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION or "identities" not in meta or "parameters" not in meta:
+            raise ValueError(
+                f"mudsc: {directory!r} has alignment format {version}, expected {FORMAT_VERSION}"
+                + (
+                    " (format 1 does not record which models it was computed for, so its "
+                    "reuse cannot be checked)" if version == 1 else ""
+                )
+                + "; recompute it with `mergekit-mudsc-align config.yml --alignment-out DIR`"
+            )
         n = int(meta["num_models"])
         maps: Dict[str, Dict[str, List[Optional[torch.Tensor]]]] = {}
         for key, value in load_file(tensor_path).items():
             group, space, i = key.rsplit("/", 2)
             maps.setdefault(group, {}).setdefault(space, [None] * n)[int(i)] = value
         return cls(n, maps, meta)
+
+    def reordered(self, order: Sequence[int]) -> "Alignment":
+        """The same alignment for the models listed as ``order`` (new i = old order[i])."""
+        maps = {
+            group: {space: [indices[j] for j in order] for space, indices in spaces.items()}
+            for group, spaces in self.maps.items()
+        }
+        metadata = dict(self.metadata)
+        for key in ("models", "identities"):
+            if key in metadata:
+                metadata[key] = [metadata[key][j] for j in order]
+        return Alignment(self.num_models, maps, metadata)
 
     def check_against(self, spec: PermutationSpec) -> None:
         """Raise if the saved maps do not fit the spec of the models being merged."""

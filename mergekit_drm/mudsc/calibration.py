@@ -22,12 +22,24 @@ def default_corpus_path() -> str:
     return str(resources.files("mergekit_drm.mudsc") / "data" / DEFAULT_CORPUS)
 
 
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+_WHAT = (
+    "give a .txt or .md file (paragraphs separated by blank lines) or a .jsonl file "
+    "(objects with a \"text\" field), or leave it empty for the bundled English corpus"
+)
+
+
 def check_calibration_path(path: Optional[str]) -> None:
-    if path and not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"mudsc `calibration` file {path!r} does not exist: give a .txt (paragraphs "
-            "separated by blank lines) or .jsonl (objects with a \"text\" field) path, or "
-            "leave it empty for the bundled English corpus"
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"mudsc `calibration` {path!r} is a directory, not a file: {_WHAT}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"mudsc `calibration` file {path!r} does not exist: {_WHAT}")
+    if not path.lower().endswith(TEXT_SUFFIXES):
+        raise ValueError(
+            f"mudsc `calibration` file {path!r} is not calibration text (its name does not "
+            f"end in {', '.join(TEXT_SUFFIXES)}): {_WHAT}"
         )
 
 

@@ -38,7 +38,13 @@ def _options(parameters: Dict[str, Any]):
         values[name] = TypeAdapter(spec.value_type).validate_python(raw)
     unknown = sorted(set(parameters) - set(known) - {"weight"})
     if unknown:
-        raise ValueError(f"unknown mudsc parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        from mergekit_drm.checks import closest
+
+        named = ", ".join(
+            f"`{name}`" + (f" (did you mean `{guess}`?)" if (guess := closest(name, known)) else "")
+            for name in unknown
+        )
+        raise ValueError(f"unknown mudsc parameter(s): {named}; known: {', '.join(sorted(known))}")
     return alignment_options(values)
 
 

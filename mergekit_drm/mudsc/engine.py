@@ -11,15 +11,19 @@ lock, so mergekit's ``--multi-gpu`` threads wait for one computation.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from mergekit_drm.checks import check_finite
 from mergekit_drm.mudsc.alignment import Alignment
 from mergekit_drm.mudsc.calibration import check_calibration_path, load_texts, token_windows
 from mergekit_drm.mudsc.similarity import Comoments
@@ -123,10 +127,75 @@ def check_models(sources: Sequence[ModelSource]) -> PermutationSpec:
 
 def load_weights(source: ModelSource, spec: PermutationSpec, device) -> Dict[str, torch.Tensor]:
     loader = source.ref.lazy_loader()
+    weights = {}
+    for name in spec.tensors:
+        tensor = loader.get_tensor(name)
+        check_finite(tensor, method="mudsc", tensor_name=name, model=source.path)
+        weights[name] = tensor.to(device=device, dtype=torch.float32)
+    return weights
+
+
+# --- what an alignment was computed for ---------------------------------------------
+
+FINGERPRINT_TENSORS = 3
+FINGERPRINT_BYTES = 4096
+
+
+def model_identity(source: ModelSource) -> Dict[str, Any]:
+    """Tensor names and shapes (hashed) and a content fingerprint of one model.
+
+    The fingerprint hashes the first and middle ``FINGERPRINT_BYTES`` of
+    ``FINGERPRINT_TENSORS`` matrices spread over the sorted tensor names: read
+    straight from safetensors files (a few KiB), from the loader otherwise.
+    """
+    listing = "\n".join(f"{name} {list(source.shapes.get(name, ()))}" for name in source.names)
+    matrices = [name for name in source.names if len(source.shapes.get(name, ())) >= 2]
+    count = min(FINGERPRINT_TENSORS, len(matrices))
+    picked = [matrices[(2 * k + 1) * len(matrices) // (2 * count)] for k in range(count)]
+    digest = hashlib.sha256()
+    index = source.ref.tensor_index()
+    for name in picked:
+        digest.update(name.encode())
+        digest.update(_sampled_bytes(index, source, name))
     return {
-        name: loader.get_tensor(name).to(device=device, dtype=torch.float32)
-        for name in spec.tensors
+        "path": source.path,
+        "tensors": hashlib.sha256(listing.encode()).hexdigest(),
+        "fingerprint": digest.hexdigest(),
     }
+
+
+def _sampled_bytes(index, source: ModelSource, name: str) -> bytes:
+    if index.is_safetensors:
+        path = os.path.join(index.base_path, index.tensor_paths[name])
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            begin, end = json.loads(handle.read(length))[name]["data_offsets"]
+            start = 8 + length + begin
+            chunks = []
+            for offset in (start, start + (end - begin) // 2):
+                handle.seek(offset)
+                chunks.append(handle.read(min(FINGERPRINT_BYTES, end - begin)))
+        return b"".join(chunks)
+    flat = source.ref.lazy_loader().get_tensor(name).reshape(-1)
+    step = max(1, flat.numel() // 1024)
+    return flat[::step][:1024].to(torch.float32).numpy().tobytes()
+
+
+# Parameters that change an alignment (batch size and the statistics budget do not).
+SHAPING = ("alpha", "mode", "iterations", "patience", "seed")
+CALIBRATION_SHAPING = ("calibration", "calibration_samples", "calibration_seq_len", "calibration_tokenizer")
+
+
+def shaping_parameters(solver: SolverOptions, calibration: CalibrationOptions, first_path: str) -> Dict[str, Any]:
+    values: Dict[str, Any] = {name: getattr(solver, name) for name in SHAPING}
+    if solver.alpha < 1.0:
+        values.update(
+            calibration=os.path.realpath(calibration.path) if calibration.path else "bundled:calibration_en.txt",
+            calibration_samples=calibration.samples,
+            calibration_seq_len=calibration.seq_len,
+            calibration_tokenizer=os.path.realpath(calibration.tokenizer or first_path),
+        )
+    return values
 
 
 def _hf_model(source: ModelSource, device):
@@ -160,9 +229,14 @@ def activation_similarity(
     max_stats_bytes: float = 4 * 2**30,
     device=None,
     progress: bool = False,
+    labels: Optional[Sequence[str]] = None,
 ) -> Dict[str, Dict[str, torch.Tensor]]:
     """Per group and space: the mean over its taps of the Pearson correlation
-    of the N models' unit activations on the same tokens."""
+    of the N models' unit activations on the same tokens.
+
+    Non-finite activations fail naming the model (``labels``) and, if one of
+    its weights is not finite, that tensor.
+    """
     n = len(models)
     taps = [(group, tap) for group in spec.groups.values() for tap in group.taps]
     sizes = {(g.name, t.space): g.space_sizes[t.space] for g, t in taps}
@@ -216,7 +290,10 @@ def activation_similarity(
                         handle.remove()
                 if bar is not None:
                     bar.update(1)
-            for k in range(len(chosen)):
+            for k, (group, tap) in enumerate(chosen):
+                for m in range(n):
+                    if not bool(torch.isfinite(captured[k][m]).all()):
+                        _non_finite_activation(models[m], labels[m] if labels else f"{m} (0-based)", tap.module)
                 moments[k].add([captured[k][m] for m in range(n)])
                 captured[k].clear()
         for (group, tap), moment in zip(chosen, moments):
@@ -234,6 +311,16 @@ def activation_similarity(
         for space in spaces:
             spaces[space] /= counts[(group_name, space)]
     return sums
+
+
+def _non_finite_activation(model: torch.nn.Module, label: str, module: str) -> None:
+    for name, tensor in model.state_dict().items():
+        check_finite(tensor, method="mudsc", tensor_name=name, model=label)
+    raise FloatingPointError(
+        f"mudsc: the calibration activations at {module} of model {label} are not finite "
+        "although its weights are (an overflow?); use alpha: 1.0 (weights only) or other "
+        "calibration text"
+    )
 
 
 # --- the whole pass -------------------------------------------------------------------------
@@ -267,6 +354,8 @@ def compute_alignment(
     say = (lambda message: log.info(message)) if progress else None
     alignment = solve(spec, weights, activation, solver, progress=say)
     alignment.metadata["models"] = [s.path for s in sources]
+    alignment.metadata["identities"] = [model_identity(s) for s in sources]
+    alignment.metadata["parameters"] = shaping_parameters(solver, calibration, sources[0].path)
     alignment.metadata["calibration"] = None if solver.alpha >= 1.0 else {
         "path": calibration.path or "bundled:calibration_en.txt",
         "samples": calibration.samples,
@@ -278,10 +367,27 @@ def compute_alignment(
     return AlignmentResult(spec, alignment, seconds, sources)
 
 
-def _activations(sources, spec, solver, calibration, device, progress):
+_tokens_lock = threading.Lock()
+_tokens: Dict[Tuple, torch.Tensor] = {}
+
+
+def calibration_tokens(
+    sources: Sequence[ModelSource], calibration: CalibrationOptions, keep: bool = False
+) -> torch.Tensor:
+    """The calibration windows, read, tokenized and checked once per merge.
+
+    The method calls this with ``keep`` while mergekit plans, so an empty or
+    invalid file, a missing tokenizer or too long a sequence fail before the
+    output exists; the alignment pass then takes the kept windows.
+    """
     from transformers import AutoTokenizer
 
     tokenizer_path = calibration.tokenizer or sources[0].path
+    key = (calibration.path, tokenizer_path, calibration.samples, calibration.seq_len)
+    with _tokens_lock:
+        cached = _tokens.get(key) if keep else _tokens.pop(key, None)
+    if cached is not None:
+        return cached
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     except Exception as error:
@@ -302,13 +408,21 @@ def _activations(sources, spec, solver, calibration, device, progress):
             f"mudsc: the calibration tokenizer ({tokenizer_path}) produced token id {int(tokens.max())} "
             f"but the models have {vocab} embeddings: set `calibration_tokenizer` to the models' tokenizer"
         )
+    if keep:
+        with _tokens_lock:
+            _tokens[key] = tokens
+    return tokens
+
+
+def _activations(sources, spec, solver, calibration, device, progress):
+    tokens = calibration_tokens(sources, calibration)
     models = [_hf_model(source, device) for source in sources]
     try:
         return activation_similarity(
             models, spec, tokens, full=solver.mode == "zip",
             batch_size=calibration.batch_size,
             max_stats_bytes=calibration.max_stats_gib * 2**30,
-            device=device, progress=progress,
+            device=device, progress=progress, labels=[source.path for source in sources],
         )
     finally:
         del models
@@ -347,7 +461,7 @@ def cached_alignment(
             raise _errors[key]
         try:
             if saved:
-                result = load_saved(models, saved)
+                result = load_saved(models, saved, solver, calibration, _explicit.get(names))
             else:
                 result = compute_alignment(models, solver, calibration, device=device, progress=True)
         except BaseException as error:
@@ -357,15 +471,22 @@ def cached_alignment(
         return result
 
 
-def begin_merge(models: Sequence[Any]) -> None:
+_explicit: Dict[Tuple, Optional[frozenset]] = {}
+
+
+def begin_merge(models: Sequence[Any], explicit: Optional[Sequence[str]] = None) -> None:
     """Forget alignments of these models: a new merge (planning) starts.
 
     Called from the method's planning hook, so parameters may differ between
     merges in one process (``mergekit-multi``, notebooks) while they must stay
     fixed within one merge, and edited checkpoints are never served stale.
+    ``explicit`` names the parameters the configuration sets (None: unknown).
     """
     names = tuple(str(m) for m in models)
+    with _tokens_lock:
+        _tokens.clear()
     with _cache_lock:
+        _explicit[names] = None if explicit is None else frozenset(explicit)
         _first_key.pop(names, None)
         for key in [k for k in _cache if k[0] == names]:
             del _cache[key]
@@ -373,7 +494,58 @@ def begin_merge(models: Sequence[Any]) -> None:
             del _errors[key]
 
 
-def load_saved(models: Sequence[Any], directory: str) -> AlignmentResult:
+def _options_differ(first: Tuple, key: Tuple) -> str:
+    (_, solver_a, calib_a, saved_a), (_, solver_b, calib_b, saved_b) = first, key
+    a = dict(asdict(solver_a), **{f"calibration.{k}": v for k, v in asdict(calib_a).items()}, alignment=saved_a)
+    b = dict(asdict(solver_b), **{f"calibration.{k}": v for k, v in asdict(calib_b).items()}, alignment=saved_b)
+    return ", ".join(f"{name} {b[name]!r} (first tensor: {a[name]!r})" for name in a if a[name] != b[name])
+
+
+def plan_alignment(
+    models: Sequence[Any],
+    solver: SolverOptions,
+    calibration: CalibrationOptions,
+    saved: Optional[str],
+    tensor_name: str,
+) -> None:
+    """Planning-time part of a merge, run for every tensor mergekit plans.
+
+    The first tensor fixes the options (a later one with other options is
+    refused, naming it) and verifies the saved alignment or prepares the
+    calibration tokens; so these errors come before the output exists.
+    """
+    names = tuple(str(m) for m in models)
+    key = (names, solver, calibration, saved)
+    with _cache_lock:
+        first = _first_key.get(names)
+        if first is None:
+            _first_key[names] = key
+        explicit = _explicit.get(names)
+    if first is not None:
+        if first != key:
+            raise ValueError(
+                f"mudsc: alignment parameters must be the same for every tensor, since one "
+                f"alignment couples the whole model; {tensor_name} gets {_options_differ(first, key)}. "
+                "Set them once under `parameters:` without filters or gradients"
+            )
+        return
+    if saved:
+        result = load_saved(models, saved, solver, calibration, explicit)
+        with _cache_lock:
+            _cache[key] = result
+    elif solver.alpha < 1.0:
+        calibration_tokens(describe_models(models), calibration, keep=True)
+
+
+def load_saved(
+    models: Sequence[Any],
+    directory: str,
+    solver: Optional[SolverOptions] = None,
+    calibration: Optional[CalibrationOptions] = None,
+    explicit: Optional[frozenset] = None,
+) -> AlignmentResult:
+    """A saved alignment, verified to be for these models (re-keyed if only
+    their order differs) and not contradicted by the merge's parameters."""
     sources = describe_models(models)
     spec = check_models(sources)
     alignment = Alignment.load(directory)
@@ -382,12 +554,68 @@ def load_saved(models: Sequence[Any], directory: str) -> AlignmentResult:
             f"mudsc: saved alignment {directory!r} is for {alignment.num_models} models, "
             f"this merge has {len(sources)}"
         )
+    alignment = _match_models(alignment, sources, directory)
+    if solver is not None:
+        _check_parameters(alignment, solver, calibration or CalibrationOptions(), sources, explicit, directory)
     alignment.check_against(spec)
     return AlignmentResult(spec, alignment, 0.0, sources)
 
 
+def _match_models(alignment: Alignment, sources: Sequence[ModelSource], directory: str) -> Alignment:
+    recorded = alignment.metadata["identities"]
+    listed = ", ".join(r["path"] for r in recorded)
+    order: List[int] = []
+    for i, source in enumerate(sources):
+        ident = model_identity(source)
+        same = [
+            j for j, r in enumerate(recorded)
+            if r["tensors"] == ident["tensors"] and r["fingerprint"] == ident["fingerprint"]
+            and j not in order
+        ]
+        if not same:
+            shaped = any(r["tensors"] == ident["tensors"] for r in recorded)
+            why = (
+                "its weights differ from each of those models" if shaped
+                else "its tensor names or shapes differ from those models'"
+            )
+            raise ValueError(
+                f"mudsc: saved alignment {directory!r} was computed for {listed}, not for "
+                f"{source.path} ({why}). Recompute it for these models with "
+                "`mergekit-mudsc-align`, or merge the models it was computed for"
+            )
+        order.append(i if i in same else same[0])
+    if order != list(range(len(sources))):
+        log.info("mudsc: saved alignment %s lists the models in another order; re-keyed", directory)
+        alignment = alignment.reordered(order)
+    return alignment
+
+
+def _check_parameters(alignment, solver, calibration, sources, explicit, directory) -> None:
+    recorded = alignment.metadata["parameters"]
+    wanted = shaping_parameters(solver, calibration, sources[0].path)
+    if explicit is None:
+        # The configuration is not visible: treat values other than the defaults as set.
+        defaults = shaping_parameters(SolverOptions(alpha=solver.alpha), CalibrationOptions(), sources[0].path)
+        defaults["alpha"] = SolverOptions().alpha
+        explicit = frozenset(name for name in wanted if wanted[name] != defaults.get(name))
+    conflicts = [
+        f"{name}: {wanted[name]!r} (saved: {recorded[name]!r})"
+        for name in (*SHAPING, *CALIBRATION_SHAPING)
+        if name in explicit and name in wanted and name in recorded and wanted[name] != recorded[name]
+    ]
+    if conflicts:
+        raise ValueError(
+            f"mudsc: saved alignment {directory!r} was computed with other parameters than this "
+            f"merge sets ({'; '.join(conflicts)}). Remove them from the YAML (the saved "
+            "alignment fixes them), or recompute the alignment with these parameters"
+        )
+
+
 def clear_cache() -> None:
+    with _tokens_lock:
+        _tokens.clear()
     with _cache_lock:
         _cache.clear()
         _errors.clear()
         _first_key.clear()
+        _explicit.clear()

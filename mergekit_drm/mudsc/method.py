@@ -10,7 +10,6 @@ that one alignment (``alignment.merge_tensor``).
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Hashable, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -26,6 +25,12 @@ from mergekit.merge_methods.base import (
     ParameterSpec,
     TensorGroup,
 )
+from mergekit_drm.checks import (
+    check_finite,
+    check_parameter_names,
+    parameter_scopes,
+    planned_configuration,
+)
 from mergekit_drm.mudsc.alignment import merge_tensor
 from mergekit_drm.mudsc.calibration import check_calibration_path
 from mergekit_drm.mudsc.engine import (
@@ -34,7 +39,9 @@ from mergekit_drm.mudsc.engine import (
     cached_alignment,
     check_models,
     describe_models,
+    plan_alignment,
 )
+from mergekit_drm.preflight import is_slice_call, planned_task
 from mergekit_drm.mudsc.solver import MODES, SolverOptions
 
 PRETTY_NAME = "MuDSC"
@@ -148,9 +155,6 @@ def alignment_options(values: Mapping[str, Any]) -> Tuple[SolverOptions, Calibra
     return solver, calibration
 
 
-_SLICE_CALL = re.compile(r"\.slices\[\d+\]$")
-
-
 class MuDSCMerge(GroupMergeMethod):
     """Align units across models (dual-space similarity), then average."""
 
@@ -177,18 +181,37 @@ class MuDSCMerge(GroupMergeMethod):
         if len(input_ids) < 2:
             raise ValueError("mudsc needs at least 2 models under `models:`")
         super().validate_inputs(input_ids, base_id, group_name=group_name)
-        # mergekit calls this once per output slice while planning (group_name
-        # "<module>.slices[<i>]"), then once per tensor task. The slice-level
-        # call is the start of a merge: check the models, reset the cache.
-        if group_name is not None and _SLICE_CALL.search(group_name):
+        # The slice-level call starts a merge: check the models and the
+        # parameter names, reset the cache. Each tensor task's call (while
+        # planning, and again while executing) fixes or compares the alignment
+        # options and, the first time, verifies the saved alignment or reads
+        # and tokenizes the calibration text.
+        if is_slice_call(group_name):
+            config = planned_configuration()
+            check_parameter_names(config, self.spec)
             check_models(describe_models(input_ids))
-            begin_merge(input_ids)
+            explicit = None
+            if config is not None:
+                explicit = {
+                    key for _, per_model, settings in parameter_scopes(config)
+                    if not per_model for key in settings
+                }
+            begin_merge(input_ids, explicit)
+        elif group_name:
+            task = planned_task()
+            if task is not None:
+                solver, calibration = alignment_options(task.parameters)
+                plan_alignment(
+                    input_ids, solver, calibration, task.parameters["alignment"] or None, group_name
+                )
 
     def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
         entries = group.entries
         name = group.metadata.name or "<tensor>"
         models = [entry.id for entry in entries]
         device = entries[0].tensor.device
+        for entry in entries:
+            check_finite(entry.tensor, method="mudsc", tensor_name=name, model=entry.id)
         solver, calibration = alignment_options(params)
         result = cached_alignment(models, solver, calibration, params["alignment"] or None, device)
         tensor_spec = result.spec.tensors.get(name)
