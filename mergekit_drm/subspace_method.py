@@ -5,7 +5,8 @@ and ``merge_matrix`` (a kernel call). This module decides which tensors take
 the SVD path, splits fused projections into their parts (``architectures.py``,
 as for ``drm``), gives every other tensor the weighted mean of the task
 vectors, applies ``lambda``, and validates parameters and inputs at planning
-time with the same checks and messages as ``drm``.
+time with the same checks and messages as ``drm`` (``checks.py``,
+``preflight.py``).
 
 Which tensors are decomposed: 2-D weights, as in both papers (their reference
 code decomposes exactly the 2-D tensors, minus an exclusion list). Tensors
@@ -35,7 +36,14 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 from mergekit_drm.architectures import matrix_layout
-from mergekit_drm.preflight import check_same_shapes, model_config
+from mergekit_drm.checks import check_finite, check_parameter_names, planned_configuration
+from mergekit_drm.preflight import (
+    check_present,
+    check_same_shapes,
+    is_slice_call,
+    model_config,
+    planned_task,
+)
 
 SVD_MODES = ("auto", "full", "gram")
 COMPUTE_DTYPES = ("float32", "float64")
@@ -120,13 +128,22 @@ class SubspaceMerge(GroupMergeMethod):
                 "the fine-tuned models under `models:`."
             )
         super().validate_inputs(input_ids, base_id, group_name=group_name)
-        if group_name:
+        if is_slice_call(group_name):
+            check_parameter_names(planned_configuration(), self.spec)
+        elif group_name:
+            check_present(group_name, input_ids, planned_task())
             check_same_shapes(group_name, input_ids)
 
     def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
         base = group.base.tensor
         entries = group.non_base
         name = group.metadata.name or "<tensor>"
+        check_finite(
+            base, method=self.spec.name, tensor_name=name, model=f"{group.base.id} (the base model)",
+            fix="Repair or re-download the base checkpoint; every merged tensor adds to it.",
+        )
+        for entry in entries:
+            check_finite(entry.tensor, method=self.spec.name, tensor_name=name, model=entry.id)
         compute_dtype = getattr(torch, params["compute_dtype"])
         weights = [params["weight"][entry.id] for entry in entries]
         base_c = base.to(compute_dtype)

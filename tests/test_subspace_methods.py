@@ -225,3 +225,34 @@ def test_shape_mismatch_names_tensor_and_models(tmp_path, with_other_shape):
     config = _config("tsv_m", paths, {}, [1.0, 1.0])
     config["models"][1]["model"] = other
     _expect_error(tmp_path, config, "mlp.", "different shapes", os.path.basename(other), "[48, 32]", "[40, 32]")
+
+
+@pytest.mark.parametrize("method, tensor", [("tsv_m", "q_proj"), ("iso_cts", "input_layernorm")])
+def test_non_finite_input_is_named_before_writing(tmp_path, with_other_shape, method, tensor):
+    from mergekit_drm.checks import NonFiniteError
+    from tests.test_input_checks import _poisoned
+
+    (base, ft1, ft2), _ = with_other_shape
+    name = {"q_proj": "model.layers.0.self_attn.q_proj.weight",
+            "input_layernorm": "model.layers.0.input_layernorm.weight"}[tensor]
+    bad = _poisoned(ft1, str(tmp_path / "bad-ft"), name)
+    config = _config(method, [base, bad, ft2], {}, [1.0, 1.0])
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteError) as info:
+        run_merge(
+            MergeConfiguration.model_validate(config), str(out),
+            MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True),
+        )
+    assert name in str(info.value) and bad in str(info.value) and method in str(info.value)
+    assert not out.exists() or not any(out.rglob("*.safetensors"))
+
+
+def test_misspelt_parameter_name_is_refused_with_the_closest_name(tmp_path, with_other_shape, monkeypatch):
+    from mergekit_drm.checks import UNKNOWN_PARAMETERS_ENV
+
+    paths, _ = with_other_shape
+    monkeypatch.setenv(UNKNOWN_PARAMETERS_ENV, "error")
+    _expect_error(
+        tmp_path, _config("tsv_m", paths, {"rank_fracton": 0.3}, [1.0, 1.0]),
+        "`rank_fracton`", "did you mean `rank_fraction`",
+    )
