@@ -35,6 +35,14 @@ import torch
 
 from mergekit_drm.checks import check_finite_stack
 from mergekit_drm.decompose import SvdMode, low_rank_factors
+from mergekit_drm.drm.options import (
+    NORM_TARGETS,
+    flatten_spectrum,
+    rank_budget_mask,
+    rescale_to,
+    target_norm,
+    whiten_directions,
+)
 
 Direction = Literal["vertical", "horizontal"]
 
@@ -119,6 +127,10 @@ def merge_in_basis(
     renorm: bool,
     sign_election: bool,
     disjoint: bool,
+    rank_budget: float = 1.0,
+    whiten: bool = False,
+    isotropic: bool = False,
+    norm_target: str = "none",
 ) -> torch.Tensor:
     """DRM's merge in the joint space; returns M (r, q).
 
@@ -126,10 +138,18 @@ def merge_in_basis(
     basis @ diag(sigma) @ coords[t]; ``active`` (N,) marks models whose delta
     is not exactly zero. Renormalize, prune jointly, scale by sigma~, elect,
     weight, disjoint mean. Shared by the dense kernel and the LoRA path.
+    The last four arguments are the opt-in additions of ``options.py``; their
+    defaults are the paper's merge.
     """
     n_models = coords.shape[0]
     norms = torch.linalg.vector_norm(coords, dim=2)  # (N, r)
     significant = (norms > negligible_share(coords.dtype)) & active[:, None]
+    target = None
+    if norm_target != "none":
+        target = target_norm(coords, sigma, weights, active, norm_target)
+    if rank_budget < 1.0:
+        energy = sigma.unsqueeze(0) * norms * significant
+        significant = significant & rank_budget_mask(energy, rank_budget)
     if renorm:
         safe = torch.where(significant, norms, torch.ones_like(norms))
         # Divide (not multiply by a reciprocal): a length-1 coordinate vector
@@ -139,12 +159,19 @@ def merge_in_basis(
     else:
         coords = coords * significant.unsqueeze(2)
         scales = sigma.unsqueeze(0).expand(n_models, -1)
+    if whiten:
+        coords = whiten_directions(coords)
     mask = keep_top_magnitude(coords, density)
     contributions = coords.mul_(mask).mul_(scales.unsqueeze(2))
     del mask
-    return elect_and_mean(
+    merged = elect_and_mean(
         contributions, weights, sign_election=sign_election, disjoint=disjoint
     )
+    if isotropic:
+        merged = flatten_spectrum(merged)
+    if target is not None:
+        merged = rescale_to(merged, target)
+    return merged
 
 
 def _merge_shared_left_basis(
@@ -157,8 +184,12 @@ def _merge_shared_left_basis(
     sign_election: bool,
     disjoint: bool,
     svd: SvdMode,
+    **options,
 ) -> torch.Tensor:
-    """DRM-H on a stack (N, p, q): shared basis on axis p, merge in R^{r x q}."""
+    """DRM-H on a stack (N, p, q): shared basis on axis p, merge in R^{r x q}.
+
+    ``options`` are ``merge_in_basis``' opt-in additions.
+    """
     n_models, p, q = deltas.shape
     dtype = deltas.dtype
     # A model whose delta is exactly zero must not take part at all.
@@ -175,8 +206,22 @@ def _merge_shared_left_basis(
         renorm=renorm,
         sign_election=sign_election,
         disjoint=disjoint,
+        **options,
     )
     return basis @ merged
+
+
+def check_joint_options(rank_budget: float, norm_target: str) -> None:
+    """Range checks of the opt-in additions (``options.py``)."""
+    if not 0 < rank_budget <= 1:
+        raise ValueError(
+            f"rank_budget must be in (0, 1] (fraction of the joint directions each "
+            f"model keeps; 1 = all, the paper), got {rank_budget}"
+        )
+    if norm_target not in NORM_TARGETS:
+        raise ValueError(
+            f"norm_target must be one of {', '.join(NORM_TARGETS)}, got {norm_target!r}"
+        )
 
 
 def check_matrix_options(direction, density, rank_tol, compute_dtype) -> None:
@@ -210,13 +255,20 @@ def drm_merge_matrix(
     scale: float = 1.0,
     compute_dtype: torch.dtype = torch.float32,
     svd: SvdMode = "auto",
+    rank_budget: float = 1.0,
+    whiten: bool = False,
+    isotropic: bool = False,
+    norm_target: str = "none",
 ) -> torch.Tensor:
     """Merge N task vectors of one (n, m) matrix with DRM; return the merged delta.
 
     ``deltas`` are in ``nn.Linear`` layout (output, input); the result is in
     ``compute_dtype`` (at least float32: SVDs of bf16/fp16 are unsafe).
+    ``rank_budget``, ``whiten``, ``isotropic`` and ``norm_target`` are the
+    opt-in additions of ``options.py`` (defaults: the paper).
     """
     check_matrix_options(direction, density, rank_tol, compute_dtype)
+    check_joint_options(rank_budget, norm_target)
     # Read-only below: the factorization never writes to the stack.
     stack = _stack(deltas, compute_dtype, writable=False)
     if stack.dim() != 3:
@@ -235,6 +287,10 @@ def drm_merge_matrix(
         sign_election=sign_election,
         disjoint=disjoint,
         svd=svd,
+        rank_budget=rank_budget,
+        whiten=whiten,
+        isotropic=isotropic,
+        norm_target=norm_target,
     )
     if direction == "vertical":
         merged = merged.T
@@ -252,18 +308,27 @@ def elementwise_merge(
     disjoint: bool = True,
     scale: float = 1.0,
     compute_dtype: torch.dtype = torch.float32,
+    norm_target: str = "none",
 ) -> torch.Tensor:
     """DRM's path for tensors outside the SVD: trim, elect, weight, disjoint mean.
 
     The trim keeps ``density`` (one value, or one per model) of each model's
     entries of *this tensor* by magnitude. The reference trims over all of a
     model's non-matrix tensors at once, which a per-tensor merge cannot see;
-    its default, no trim, is reproduced exactly.
+    its default, no trim, is reproduced exactly. ``norm_target`` rescales the
+    result as on the SVD path (``options.target_norm``, on the untrimmed deltas).
     """
+    check_joint_options(1.0, norm_target)
     stack = _stack(deltas, compute_dtype, writable=True)
     check_finite_stack(stack, method="elementwise_merge", what="delta")
     n_models = stack.shape[0]
     weights_t = _weights(weights, n_models, stack)
+    target = None
+    if norm_target != "none":
+        flat = stack.reshape(n_models, 1, -1)
+        target = target_norm(
+            flat, stack.new_ones(1), weights_t, flat.ne(0).any(dim=2).any(dim=1), norm_target
+        )
     densities = [density] * n_models if isinstance(density, (int, float)) else list(density)
     if len(densities) != n_models:
         raise ValueError(f"expected {n_models} densities, got {len(densities)}")
@@ -275,6 +340,8 @@ def elementwise_merge(
     merged = elect_and_mean(
         stack, weights_t, sign_election=sign_election, disjoint=disjoint
     )
+    if target is not None:
+        merged = rescale_to(merged, target)
     if scale != 1.0:
         merged = merged * scale
     return merged

@@ -27,6 +27,7 @@ from mergekit.merge_methods.base import (
 from mergekit_drm.architectures import matrix_layout
 from mergekit_drm.checks import check_finite, check_parameter_names, planned_configuration
 from mergekit_drm.drm.kernel import drm_merge_matrix, elementwise_merge
+from mergekit_drm.drm.options import NORM_TARGETS
 from mergekit_drm.preflight import (
     check_present,
     check_same_shapes,
@@ -126,6 +127,27 @@ PARAMETERS = (
         "compute_dtype", _choice("compute_dtype", COMPUTE_DTYPES),
         ParameterScope.SHARED, default="float32",
     ),
+    # Opt-in additions beyond the paper (drm/options.py); defaults = the paper.
+    ParameterSpec(
+        "rank_budget",
+        _fraction("rank_budget", "fraction of the joint directions each model keeps, by its own energy; 1 = all"),
+        ParameterScope.SHARED,
+        default=1.0,
+        description="each model keeps only its top fraction of joint directions (1 = off)",
+    ),
+    ParameterSpec(
+        "whiten", bool, ParameterScope.SHARED, default=False,
+        description="replace the models' coordinate rows on each joint direction by the nearest orthonormal rows",
+    ),
+    ParameterSpec(
+        "isotropic", bool, ParameterScope.SHARED, default=False,
+        description="flatten the merged matrix's singular values to their mean (Iso-C after DRM)",
+    ),
+    ParameterSpec(
+        "norm_target", _choice("norm_target", NORM_TARGETS), ParameterScope.SHARED,
+        default="none",
+        description="rescale each merged delta to the mean task-vector norm or the norm of their sum",
+    ),
 )
 
 
@@ -219,6 +241,7 @@ class DRMMerge(GroupMergeMethod):
                 sign_election=params["sign_election"],
                 disjoint=params["disjoint"],
                 compute_dtype=compute_dtype,
+                norm_target=params["norm_target"],
             )
         del deltas
         merged.mul_(params["lambda"]).add_(base_c)
@@ -243,6 +266,10 @@ class DRMMerge(GroupMergeMethod):
             disjoint=params["disjoint"],
             compute_dtype=compute_dtype,
             svd=params["svd"],
+            rank_budget=params["rank_budget"],
+            whiten=params["whiten"],
+            isotropic=params["isotropic"],
+            norm_target=params["norm_target"],
         )
         if layout.parts is None:
             merged = drm_merge_matrix(matrices, weights, **kwargs)

@@ -44,7 +44,12 @@ import torch
 
 from mergekit_drm.decompose import rank_floor
 from mergekit_drm.checks import check_finite
-from mergekit_drm.drm.kernel import Direction, check_matrix_options, merge_in_basis
+from mergekit_drm.drm.kernel import (
+    Direction,
+    check_joint_options,
+    check_matrix_options,
+    merge_in_basis,
+)
 
 Factors = Tuple[torch.Tensor, torch.Tensor]  # (B: n x r, A: r x m), delta = B @ A
 
@@ -90,10 +95,12 @@ def _shared_left_lowrank(
     sign_election: bool,
     disjoint: bool,
     dtype: torch.dtype,
+    **options,
 ) -> Factors:
     """DRM-H of deltas D_t = lefts[t] @ rights[t] (p x q); None = zero delta.
 
-    Returns (basis p x r, merged r x q).
+    Returns (basis p x r, merged r x q). ``options`` are the kernel's opt-in
+    additions (``merge_in_basis``), which act in the joint space only.
     """
     p, q = shape
     n_models = len(lefts)
@@ -152,6 +159,7 @@ def _shared_left_lowrank(
         renorm=renorm,
         sign_election=sign_election,
         disjoint=disjoint,
+        **options,
     )
     return basis, merged
 
@@ -170,6 +178,10 @@ def drm_merge_lowrank(
     scale: float = 1.0,
     compute_dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    rank_budget: float = 1.0,
+    whiten: bool = False,
+    isotropic: bool = False,
+    norm_target: str = "none",
 ) -> Factors:
     """DRM of N LoRA deltas of one (n, m) matrix, returned as factors.
 
@@ -179,9 +191,12 @@ def drm_merge_lowrank(
     dense route). Returns (B', A') with B' @ A' equal to
     ``drm_merge_matrix(folded deltas, weights, ...) * scale`` up to rounding;
     B' is n x r', A' is r' x m with r' the number of singular values kept
-    (possibly 0).
+    (possibly 0). ``rank_budget``, ``whiten``, ``isotropic`` and
+    ``norm_target`` are the kernel's opt-in additions, exact here too: they
+    act on the joint-space coordinates, which the factors give exactly.
     """
     check_matrix_options(direction, density, rank_tol, compute_dtype)
+    check_joint_options(rank_budget, norm_target)
     n, m = shape
     n_models = len(adapters)
     if n_models == 0:
@@ -240,6 +255,10 @@ def drm_merge_lowrank(
         sign_election=sign_election,
         disjoint=disjoint,
         dtype=compute_dtype,
+        rank_budget=rank_budget,
+        whiten=whiten,
+        isotropic=isotropic,
+        norm_target=norm_target,
     )
     if direction == "horizontal":
         basis, merged = _shared_left_lowrank(lefts, rights, weights_t, (n, m), **kwargs)

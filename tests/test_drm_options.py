@@ -1,0 +1,275 @@
+"""DRM's opt-in options (rank_budget, whiten, isotropic, norm_target) against a numpy oracle, plus properties.
+
+The oracle is written from the options' definitions (README, ``drm/options.py``
+docstrings), on top of the paper's steps as the kernel oracle states them:
+joint SVD and rank cut; per-model budget of joint directions ranked by
+sigma_j * nu_{j,t}; renormalization; per-direction polar factor of the
+models' rows (directions below 2e-5 of the block's largest singular value
+left out); joint pruning, sigma~ scaling, election, disjoint mean; the merged
+coordinates' spectrum set to its mean; Frobenius norm set to the mean of the
+task vectors' norms (projected on the kept basis) or the norm of their sum.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mergekit_drm.drm.kernel import drm_merge_matrix, elementwise_merge
+from mergekit_drm.drm.options import rank_budget_mask, whiten_directions
+from mergekit_drm.lora.lowrank import LoraFactors, drm_merge_lowrank
+from tests.test_drm_kernel_oracle import oracle_elect_mean, oracle_keep_count, oracle_top_mask
+
+EPS64 = float(np.finfo(np.float64).eps)
+
+
+def oracle(deltas, weights=None, *, direction="vertical", density=1.0, rank_tol=0.0,
+           rank_budget=1.0, whiten=False, isotropic=False, norm_target="none", info=None):
+    mats = [np.asarray(d, dtype=np.float64) for d in deltas]
+    if direction == "vertical":  # DRM-V is DRM-H of the transposes
+        mats = [d.T for d in mats]
+    n_models = len(mats)
+    lam = np.ones(n_models) if weights is None else np.asarray(weights, dtype=np.float64)
+    active = np.array([np.any(d != 0) for d in mats])
+    a = np.concatenate(mats, axis=1)
+    u, s, vt = np.linalg.svd(a, full_matrices=False)
+    r = int(np.sum(s > max(rank_tol, max(a.shape) * EPS64) * s[0]))
+    u, s, vt = u[:, :r], s[:r], vt[:r]
+    q = mats[0].shape[1]
+    vecs = np.stack([vt[:, t * q:(t + 1) * q] for t in range(n_models)])  # (N, r, q)
+    projected = [u @ (u.T @ d) for d in mats]
+    if norm_target == "mean":
+        target = np.mean([abs(w) * np.linalg.norm(p) for w, p, on in zip(lam, projected, active) if on])
+    elif norm_target == "sum":
+        target = np.linalg.norm(sum(w * p for w, p in zip(lam, projected)))
+    nu = np.linalg.norm(vecs, axis=2)
+    significant = (nu > math.sqrt(EPS64)) & active[:, None]
+    if rank_budget < 1:
+        budget = math.ceil(rank_budget * r - 1e-9)
+        energy = np.where(significant, s[None, :] * nu, 0.0)
+        for t in range(n_models):
+            top = np.argsort(-energy[t], kind="stable")[:budget]
+            chosen = np.zeros(r, dtype=bool)
+            chosen[top] = True
+            significant[t] &= chosen
+    coords = np.where(significant[:, :, None], vecs / np.where(significant, nu, 1.0)[:, :, None], 0.0)
+    sig_t = np.where(significant, s[None, :] * nu, 0.0)
+    if whiten:
+        for j in range(r):
+            pu, ps, pvt = np.linalg.svd(coords[:, j, :], full_matrices=False)
+            k = int(np.sum(ps > 2e-5 * ps[0])) if ps[0] > 0 else 0
+            coords[:, j, :] = pu[:, :k] @ pvt[:k]
+    keep = oracle_keep_count(density, coords.size)
+    mask = oracle_top_mask(coords, keep)
+    if info is not None:
+        mags = np.sort(np.abs(coords).ravel())[::-1]
+        info["prune_margin"] = (mags[keep - 1] - mags[keep]) / mags[0] if keep < coords.size else np.inf
+    merged = oracle_elect_mean(sig_t[:, :, None] * np.where(mask, coords, 0.0), lam,
+                               sign_election=True, disjoint=True)
+    if isotropic:
+        mu, ms, mvt = np.linalg.svd(merged, full_matrices=False)
+        k = int(np.sum(ms > max(merged.shape) * EPS64 * ms[0]))
+        merged = ms[:k].mean() * mu[:, :k] @ mvt[:k]
+    if norm_target != "none":
+        merged = merged * target / np.linalg.norm(merged)
+    out = u @ merged
+    return out.T if direction == "vertical" else out
+
+
+def _deltas(seed, n_models=3, shape=(7, 5)):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape) * (1 + t) for t in range(n_models)]
+
+
+def _kernel(deltas, weights=None, **kw):
+    return drm_merge_matrix([torch.from_numpy(d) for d in deltas], weights,
+                            compute_dtype=torch.float64, svd="full", **kw).numpy()
+
+
+OPTIONS = [
+    {"rank_budget": 0.4},
+    {"whiten": True},
+    {"isotropic": True},
+    {"norm_target": "mean"},
+    {"norm_target": "sum"},
+    {"whiten": True, "isotropic": True, "norm_target": "mean", "rank_budget": 0.6},
+]
+
+
+@pytest.mark.parametrize("direction", ["vertical", "horizontal"])
+@pytest.mark.parametrize("density", [1.0, 0.4])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(f"{k}={v}" for k, v in o.items()))
+def test_options_match_oracle(direction, density, options):
+    for seed in range(3):
+        deltas = _deltas(seed)
+        weights = [1.0, 0.5, 2.0]
+        info = {}
+        want = oracle(deltas, weights, direction=direction, density=density, info=info, **options)
+        assert info["prune_margin"] > 1e-7  # well posed: no near-tie at the threshold
+        got = _kernel(deltas, weights, direction=direction, density=density, rank_tol=0.0, **options)
+        assert np.linalg.norm(got - want) <= 1e-9 * np.linalg.norm(want)
+
+
+def test_defaults_are_the_paper():
+    deltas = [torch.from_numpy(d) for d in _deltas(5)]
+    faithful = drm_merge_matrix(deltas, compute_dtype=torch.float64)
+    explicit = drm_merge_matrix(deltas, compute_dtype=torch.float64, rank_budget=1.0,
+                                whiten=False, isotropic=False, norm_target="none")
+    assert torch.equal(faithful, explicit)
+
+
+def test_isotropic_flat_spectrum_same_nuclear_norm():
+    deltas = [torch.from_numpy(d) for d in _deltas(1, shape=(9, 6))]
+    plain = drm_merge_matrix(deltas, compute_dtype=torch.float64)
+    flat = drm_merge_matrix(deltas, compute_dtype=torch.float64, isotropic=True)
+    s = torch.linalg.svdvals(flat)
+    assert torch.allclose(s, s[0].expand_as(s), rtol=1e-10)
+    assert torch.isclose(torch.linalg.svdvals(plain).sum(), s.sum(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("direction", ["vertical", "horizontal"])
+def test_norm_targets(direction):
+    raw = _deltas(2, n_models=4, shape=(8, 6))
+    raw[2] = np.zeros_like(raw[2])  # an untouched matrix does not lower the mean
+    deltas = [torch.from_numpy(d) for d in raw]
+    mean = drm_merge_matrix(deltas, direction=direction, rank_tol=0.0,
+                            compute_dtype=torch.float64, norm_target="mean")
+    want = np.mean([np.linalg.norm(d) for i, d in enumerate(raw) if i != 2])
+    assert math.isclose(float(mean.norm()), want, rel_tol=1e-10)
+    total = drm_merge_matrix(deltas, direction=direction, rank_tol=0.0,
+                             compute_dtype=torch.float64, norm_target="sum")
+    assert math.isclose(float(total.norm()), np.linalg.norm(sum(raw)), rel_tol=1e-10)
+    # only the scale changes
+    plain = drm_merge_matrix(deltas, direction=direction, rank_tol=0.0, compute_dtype=torch.float64)
+    cosine = float((plain * mean).sum() / (plain.norm() * mean.norm()))
+    assert cosine == pytest.approx(1.0, abs=1e-12)
+
+
+def test_rank_budget_keeps_each_models_own_subspace():
+    """Models living in orthogonal subspaces: a budget of their own share changes nothing,
+    a smaller one keeps each model's strongest directions only."""
+    rng = np.random.default_rng(4)
+    q, _ = np.linalg.qr(rng.standard_normal((12, 12)))
+    p, _ = np.linalg.qr(rng.standard_normal((10, 10)))
+    deltas = []
+    for t in range(3):  # model t: rank 3 in output dirs 3t..3t+2 and input dirs 3t..3t+2
+        s = np.diag([4.0 + t, 2.0 + t / 3, 1.0 + t / 7])
+        deltas.append(q[:, 3 * t:3 * t + 3] @ s @ p[:, 3 * t:3 * t + 3].T)
+    tens = [torch.from_numpy(d) for d in deltas]
+    plain = drm_merge_matrix(tens, compute_dtype=torch.float64, density=1.0)
+    same = drm_merge_matrix(tens, compute_dtype=torch.float64, density=1.0, rank_budget=1 / 3)
+    torch.testing.assert_close(same, plain, rtol=1e-10, atol=1e-12)
+    top1 = drm_merge_matrix(tens, compute_dtype=torch.float64, density=1.0, rank_budget=1 / 9)
+    want = sum(q[:, 3 * t:3 * t + 1] * (4.0 + t) @ p[:, 3 * t:3 * t + 1].T for t in range(3))
+    np.testing.assert_allclose(top1.numpy(), want, rtol=1e-9, atol=1e-12)
+
+
+def test_rank_budget_mask_ties_and_zero_energy():
+    energy = torch.tensor([[1.0, 3.0, 3.0, 0.0], [0.0, 0.0, 0.0, 2.0]])
+    mask = rank_budget_mask(energy, 0.5)
+    assert mask.tolist() == [[False, True, True, False], [False, False, False, True]]
+
+
+def test_whiten_identical_models_count_once():
+    """N identical models: whitened rows share one unit of length, so at density 1
+    the merge is the plain one divided by sqrt(N); orthogonal rows are left alone."""
+    d = torch.from_numpy(_deltas(6, n_models=1)[0])
+    for n_models in (2, 3):
+        plain = drm_merge_matrix([d] * n_models, compute_dtype=torch.float64, density=1.0)
+        white = drm_merge_matrix([d] * n_models, compute_dtype=torch.float64, density=1.0, whiten=True)
+        torch.testing.assert_close(white, plain / math.sqrt(n_models), rtol=1e-10, atol=1e-12)
+    rows = torch.zeros(3, 2, 6, dtype=torch.float64)
+    rows[0, :, 0] = 1.0
+    rows[1, :, 1] = -1.0
+    rows[2, 0, 2] = 1.0  # model 2 absent from direction 1: its zero row stays zero
+    torch.testing.assert_close(whiten_directions(rows), rows)
+
+
+@pytest.mark.parametrize("direction", ["vertical", "horizontal"])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(f"{k}={v}" for k, v in o.items()))
+def test_lowrank_path_matches_dense(direction, options):
+    gen = torch.Generator().manual_seed(7)
+    adapters = [
+        LoraFactors(torch.randn(12, 2, generator=gen, dtype=torch.float64),
+                    torch.randn(2, 9, generator=gen, dtype=torch.float64), 0.5 + t)
+        for t in range(3)
+    ]
+    adapters.append(None)  # an adapter that does not target this matrix
+    dense = [a.scale * a.B @ a.A for a in adapters[:3]] + [torch.zeros(12, 9, dtype=torch.float64)]
+    want = drm_merge_matrix(dense, direction=direction, density=0.5,
+                            compute_dtype=torch.float64, **options)
+    b, a = drm_merge_lowrank(adapters, shape=(12, 9), direction=direction, density=0.5,
+                             compute_dtype=torch.float64, **options)
+    torch.testing.assert_close(b @ a, want, rtol=1e-9, atol=1e-11)
+
+
+def test_elementwise_norm_target():
+    raw = _deltas(8, n_models=3, shape=(11,))
+    got = elementwise_merge([torch.from_numpy(d) for d in raw], compute_dtype=torch.float64,
+                            norm_target="mean")
+    assert math.isclose(float(got.norm()), np.mean([np.linalg.norm(d) for d in raw]), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"rank_budget": 0.0}, "rank_budget"),
+    ({"rank_budget": 1.5}, "rank_budget"),
+    ({"norm_target": "median"}, "norm_target"),
+])
+def test_kernel_rejects_bad_options(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        drm_merge_matrix([torch.ones(3, 2)], **kwargs)
+
+
+# ---------------------------------------------------------------- through mergekit
+
+
+def test_method_passes_options_to_the_kernel():
+    from mergekit.merge_methods import TensorGroup
+
+    import mergekit_drm
+    from mergekit_drm.drm.method import drm_merge_method
+
+    mergekit_drm.register()
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(8, 6, generator=gen)
+    fts = [base + 0.1 * torch.randn(8, 6, generator=gen) for _ in range(3)]
+    params = {"density": 0.5, "rank_budget": 0.5, "whiten": True, "isotropic": True,
+              "norm_target": "mean", "lambda": 0.7}
+    group = TensorGroup.from_tensors([base] + fts, base_index=0, name="mlp.down_proj.weight")
+    (out,) = drm_merge_method([group], parameters=params)
+    kernel_kw = {k: v for k, v in params.items() if k != "lambda"}
+    expect = base + 0.7 * drm_merge_matrix([ft - base for ft in fts], **kernel_kw)
+    torch.testing.assert_close(out, expect, rtol=1e-6, atol=1e-7)
+    bias = TensorGroup.from_tensors([base[0]] + [ft[0] for ft in fts], base_index=0, name="mlp.bias")
+    (out,) = drm_merge_method([bias], parameters={"norm_target": "sum"})
+    want = torch.linalg.vector_norm(sum(ft[0] - base[0] for ft in fts))
+    torch.testing.assert_close(torch.linalg.vector_norm(out - base[0]), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("params, needles", [
+    ({"rank_budget": 0.0}, ("`rank_budget`", "(0, 1]")),
+    ({"rank_budget": 2.0}, ("`rank_budget`", "(0, 1]")),
+    ({"norm_target": "median"}, ("`norm_target`", "none, mean, sum", "median")),
+])
+def test_bad_option_fails_before_output(tmp_path, params, needles):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    import mergekit_drm
+    from tests.tiny_models import build_finetunes
+
+    mergekit_drm.register()
+    base, *fts = build_finetunes("llama", str(tmp_path / "models"), count=2)
+    config = {"merge_method": "drm", "base_model": base, "models": [{"model": p} for p in fts],
+              "parameters": params, "dtype": "float32"}
+    out = tmp_path / "out"
+    with pytest.raises(Exception) as info:
+        run_merge(MergeConfiguration.model_validate(config), str(out),
+                  MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+    for needle in needles:
+        assert needle in str(info.value), str(info.value)
+    assert not out.exists()
