@@ -22,6 +22,7 @@ from mergekit_drm.drm.kernel import drm_merge_matrix, elementwise_merge
 from mergekit_drm.drm.options import rank_budget_mask, whiten_directions
 from mergekit_drm.lora.lowrank import LoraFactors, drm_merge_lowrank
 from tests.test_drm_kernel_oracle import oracle_elect_mean, oracle_keep_count, oracle_top_mask
+from tests.test_lora_cli import llama64  # noqa: F401 (fixture)
 
 EPS64 = float(np.finfo(np.float64).eps)
 
@@ -273,3 +274,30 @@ def test_bad_option_fails_before_output(tmp_path, params, needles):
     for needle in needles:
         assert needle in str(info.value), str(info.value)
     assert not out.exists()
+
+
+def test_lora_cli_with_options_equals_mergekit_route(tmp_path, llama64):
+    """mergekit-drm-lora passes the options on: its adapter equals the dense mergekit merge."""
+    import os
+
+    from safetensors.torch import load_file
+
+    from tests.test_lora_cli import TOL, applied_state, rel, run_cli, run_route1, yaml_config
+
+    base, paths = llama64
+    params = {"direction": "vertical", "density": 0.4, "compute_dtype": "float64", "rank_budget": 0.5,
+              "whiten": True, "isotropic": True, "norm_target": "mean", "lambda": 0.8}
+    config = yaml_config(base, list(paths.values()), [1.0, 0.6, 1.4, 1.0], params, dtype="float64")
+    route1 = run_route1(tmp_path, config)
+    out, _ = run_cli(tmp_path, config)
+    base_state = load_file(os.path.join(base, "model.safetensors"))
+    full = load_file(os.path.join(route1, "model.safetensors"))
+    applied = applied_state(base, str(out))
+    moved = 0
+    for name, tensor in full.items():
+        delta = tensor.double() - base_state[name].double()
+        if float(delta.norm()) == 0:
+            continue
+        moved += 1
+        assert rel(applied[name].double() - base_state[name].double(), delta) < TOL[torch.float64], name
+    assert moved == 14

@@ -210,17 +210,32 @@ def report(bench: Bench, seeds: Sequence[int], rows: Sequence[str], results: Dic
     return table
 
 
+def check_against_yaml(bench: Bench, deltas: Deltas, row: str, lam: float = 1.0) -> Dict:
+    """The same merge through ``run.py``'s YAML path (``mergekit.merge.run_merge``):
+    validation accuracies side by side."""
+    method, params, _ = ROWS[row]
+    via_yaml = bench.merge("full", deltas.seed, method, {**params, "lambda": lam})["val"]
+    delta = deltas.merge(method, params)
+    in_process = bench.evaluate(M.new_encoder(deltas.state(delta, lam)), deltas.fts, ("val",))["val"]
+    return {"yaml": via_yaml, "in_process": in_process}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (see ROWS)")
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
     p.add_argument("--table", default=None, help="write the markdown table here")
+    p.add_argument("--check", action="store_true",
+                   help="compare the first row (first seed, lambda 1) with the YAML path, then stop")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("QUALITY_THREADS", "1")))
     bench = Bench(Path(args.cache), D.ALL_TASKS, FULL_SIZES, progress=False)
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if args.check:
+        print(json.dumps(check_against_yaml(bench, Deltas(bench, "full", seeds[0]), rows[0]), indent=1))
+        return
     results: Dict[int, Dict] = {}
     for seed in seeds:
         deltas = Deltas(bench, "full", seed)

@@ -446,6 +446,10 @@ def plan_lora_merge(
                     disjoint=bool(shared["disjoint"]),
                     scale=float(shared["lambda"]),
                     compute_dtype=DTYPES[shared["compute_dtype"]],
+                    rank_budget=float(shared["rank_budget"]),
+                    whiten=bool(shared["whiten"]),
+                    isotropic=bool(shared["isotropic"]),
+                    norm_target=str(shared["norm_target"]),
                 ),
             )
         )
