@@ -6,12 +6,37 @@ worker process it spawns) would never see ``merge_method: drm``. The installed
 cost next to nothing: it and the package ``__init__`` import only the standard
 library, never torch or mergekit. It only puts a finder at the front of
 ``sys.meta_path`` that waits for ``mergekit.merge_methods`` and, once that
-module has finished executing, calls ``mergekit_drm.register()``.
+module has finished executing, calls ``mergekit_drm.register()``. When a
+module of this package is what imported mergekit (``from mergekit_drm.drm.method
+import ...`` as a program's first import), registering at that moment would
+import it half-executed; registration then waits until no module of the package
+is executing, watching their imports the same way.
 """
 
 import sys
 
 _TARGET = "mergekit.merge_methods"
+_PACKAGE = "mergekit_drm."
+_pending = False  # mergekit is loaded, registration waits for our modules
+
+
+def _busy(done: str) -> bool:
+    """Whether a module of this package other than ``done`` is mid-import."""
+    return any(
+        name.startswith(_PACKAGE) and name != done
+        and getattr(getattr(module, "__spec__", None), "_initializing", False)
+        for name, module in list(sys.modules.items())
+    )
+
+
+def _loaded(name: str) -> None:
+    """Called after ``name`` (mergekit's registry or one of ours) has executed."""
+    global _pending
+    if name != _TARGET and not _pending:
+        return
+    _pending = _busy(name)
+    if not _pending:
+        _register()
 
 
 def _register():
@@ -51,9 +76,10 @@ class _Loader:
 
     _loader = None  # keeps __getattr__ from recursing on a half-built copy
 
-    def __init__(self, loader, finder):
+    def __init__(self, loader, finder, name):
         self._loader = loader
         self._finder = finder
+        self._name = name
 
     def __getattr__(self, name):
         return getattr(self._loader, name)
@@ -66,7 +92,8 @@ class _Loader:
             self._loader.exec_module(module)
         except BaseException:
             # The import failed and may be retried from scratch: wait for it.
-            self._finder.armed = True
+            if self._name == _TARGET:
+                self._finder.armed = True
             raise
         finally:
             # Hand the module back its own loader so nothing of ours stays
@@ -76,11 +103,12 @@ class _Loader:
             spec = getattr(module, "__spec__", None)
             if spec is not None and spec.loader is self:
                 spec.loader = self._loader
-        _register()
+        _loaded(self._name)
 
 
 class _Finder:
-    """Meta path finder that fires once for ``mergekit.merge_methods``.
+    """Meta path finder that fires once for ``mergekit.merge_methods`` (and,
+    until registration is done, for this package's modules).
 
     After firing it stays in ``sys.meta_path`` but inert: removing it would
     shift the list under another thread's import that is iterating it, which
@@ -90,9 +118,10 @@ class _Finder:
     armed = True
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _TARGET or not self.armed:
+        if fullname == _TARGET and self.armed:
+            self.armed = False
+        elif not (fullname.startswith(_PACKAGE) and (self.armed or _pending)):
             return None
-        self.armed = False
         # Delegate to whichever finder would have handled the import without
         # us (PathFinder, an editable-install finder, ...), in their order.
         for finder in tuple(sys.meta_path):
@@ -107,7 +136,7 @@ class _Finder:
         if spec.loader is None or not hasattr(spec.loader, "exec_module"):
             # Namespace package or legacy loader: nothing we can wrap safely.
             return spec
-        spec.loader = _Loader(spec.loader, self)
+        spec.loader = _Loader(spec.loader, self, fullname)
         return spec
 
 

@@ -75,6 +75,25 @@ def test_hook_registers_without_an_import(tmp_path):
     assert out == ["drm", "[False]", "SourceFileLoader", "True"], NOT_INSTALLED
 
 
+@pytest.mark.parametrize("first", ["mergekit_drm.drm.method", "mergekit_drm.mudsc.engine"])
+def test_hook_registers_when_a_package_module_loads_mergekit(first, tmp_path):
+    # `first` imports mergekit's registry while it is itself half-executed:
+    # registration must wait for it, not import it half-done (a warning).
+    from mergekit_drm.registration import METHODS
+
+    out = run_code(
+        f"""
+        import warnings
+        warnings.simplefilter("error")
+        import {first}
+        import mergekit.merge_methods as m
+        print(sorted(x.spec.name for x in m.registered_methods() if x.spec.name in {set(METHODS)!r}))
+        """,
+        tmp_path,
+    )
+    assert " ".join(out) == str(sorted(METHODS)), NOT_INSTALLED
+
+
 def test_hook_is_lazy(tmp_path):
     out = run_code(
         """
@@ -88,12 +107,21 @@ def test_hook_is_lazy(tmp_path):
 
 
 def test_hook_startup_cost(tmp_path):
-    """Not a benchmark: a generous bound that catches an eager import."""
-    proc = run_python(["-X", "importtime", "-c", "pass"], tmp_path)
-    match = re.search(r"import time:\s*(\d+)\s*\|\s*(\d+)\s*\|\s*mergekit_drm\._hook$",
-                      proc.stderr, re.M)
-    assert match, NOT_INSTALLED
-    cumulative_us = int(match.group(2))  # the package __init__ included
+    """Not a benchmark: a generous bound that catches an eager import (torch
+    alone takes ~1 s). Measured as a user's starts run: bytecode cached by an
+    earlier start (this suite may run with PYTHONDONTWRITEBYTECODE, which would
+    compile the hook from source at each start), the fastest of three starts so
+    that a loaded machine descheduling one does not fail it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
+    times = []
+    for _ in range(4):
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True)
+        match = re.search(r"import time:\s*(\d+)\s*\|\s*(\d+)\s*\|\s*mergekit_drm\._hook$",
+                          proc.stderr, re.M)
+        assert match, NOT_INSTALLED
+        times.append(int(match.group(2)))  # the package __init__ included
+    cumulative_us = min(times[1:])  # the first start writes the bytecode cache
     print(f"mergekit_drm._hook import at start-up: {cumulative_us / 1000:.2f} ms")
     assert cumulative_us < 20_000
 
