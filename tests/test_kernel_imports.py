@@ -4,7 +4,8 @@ Each module is imported in a fresh interpreter (the installed .pth hook runs
 at start-up as it does for a user) and the heavy top-level modules that came
 with it are read from ``sys.modules``. Only the matching kernel (and the solver
 built on it) may bring scipy, for ``linear_sum_assignment``; the package itself
-and the registration table, which the hook loads at every start, bring nothing.
+and the registration table, which the hook loads at every start, bring nothing;
+nor do the architecture table and the MuDSC specs built on it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ KERNELS = {
     "mergekit_drm": set(),
     "mergekit_drm.registration": set(),
     "mergekit_drm.mudsc.specs": set(),
-    "mergekit_drm.architectures": TORCH,
+    "mergekit_drm.architectures": set(),
     "mergekit_drm.decompose": TORCH,
     "mergekit_drm.drm.kernel": TORCH,
     "mergekit_drm.lora.lowrank": TORCH,

@@ -196,20 +196,13 @@ def _same_model(a, b) -> bool:
 
 
 def _is_vocabulary(module: str, shape: Tuple[int, int], base: _BaseInfo) -> bool:
+    from mergekit_drm.architectures import is_vocabulary
+
     weight = f"{module}.weight"
     if base.weights is not None and weight in base.weights:
         return base.weights[weight][1].vocabulary_axis is not None
     vocab = getattr(base.config, "vocab_size", None) if base.config is not None else None
-    leaf = module.rsplit(".", 1)[-1]
-    return leaf in ("lm_head", "embed_out", "embed_tokens", "wte") or (
-        vocab is not None and vocab in shape
-    )
-
-
-def _fused_patterns() -> List[str]:
-    from mergekit_drm.architectures import RULES
-
-    return [fused.pattern for rules in RULES.values() for fused in rules.fused]
+    return is_vocabulary(base.model_type, weight) or (vocab is not None and vocab in shape)
 
 
 def plan_lora_merge(
@@ -222,7 +215,7 @@ def plan_lora_merge(
     from mergekit.config import ConfigReader, InputSliceDefinition, MergeConfiguration, OutputSliceDefinition
     from mergekit.parameter_resolver import resolve_parameters
 
-    from mergekit_drm.architectures import matrix_layout
+    from mergekit_drm.architectures import is_conv1d, matrix_layout, may_be_fused
     from mergekit_drm.checks import UNKNOWN_PARAMETERS_ENV, parameter_name_problems
     from mergekit_drm.drm.method import drm_merge_method
 
@@ -335,7 +328,6 @@ def plan_lora_merge(
             module_shapes.setdefault(module, shape)
             owner.setdefault(module, str(entry.reference))
 
-    fused_patterns = _fused_patterns()
     has_gradient = _uses_gradient(list((config.parameters or {}).values())) or any(
         _uses_gradient(list((m.parameters or {}).values())) for m in config.models
     )
@@ -390,15 +382,12 @@ def plan_lora_merge(
         if base.config is not None:
             stored_shape = (n, m)
             try:
-                from mergekit_drm.architectures import RULES
-
-                rules = RULES.get(base.model_type or "")
-                if rules is not None and any(re.search(p, weight_name) for p in rules.conv1d):
+                if is_conv1d(base.model_type, weight_name):
                     stored_shape = (m, n)
                 layout = matrix_layout(weight_name, base.model_type, base.config, stored_shape)
             except ValueError as exc:
                 raise LoraMergeError(str(exc)) from exc
-        elif any(re.search(p, weight_name) for p in fused_patterns):
+        elif may_be_fused(weight_name):
             raise LoraMergeError(
                 f"{module} looks like a fused projection, whose parts DRM merges "
                 "separately; the base model's config.json is needed to split it"
@@ -445,7 +434,7 @@ def plan_lora_merge(
                     sign_election=bool(shared["sign_election"]),
                     disjoint=bool(shared["disjoint"]),
                     scale=float(shared["lambda"]),
-                    compute_dtype=DTYPES[shared["compute_dtype"]],
+                    compute_dtype=None if shared["compute_dtype"] == "auto" else DTYPES[shared["compute_dtype"]],
                     rank_budget=float(shared["rank_budget"]),
                     whiten=bool(shared["whiten"]),
                     isotropic=bool(shared["isotropic"]),
@@ -675,7 +664,7 @@ def model_card(plan: LoraMergePlan, result: LoraMergeResult, name: str) -> str:
         )
     params = plan.modules[0].kwargs if plan.modules else {}
     shown = {
-        k: (str(v).replace("torch.", "") if k == "compute_dtype" else v)
+        k: ((str(v).replace("torch.", "") if v is not None else "auto") if k == "compute_dtype" else v)
         for k, v in params.items()
     }
     if "scale" in shown:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from mergekit_drm.mudsc.specs import HeadLayout
+from mergekit_drm.architectures import HeadLayout
 
 NEG = float("-inf")
 

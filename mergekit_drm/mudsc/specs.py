@@ -12,8 +12,11 @@ axis consumes them: the columns of the next projection).
 
 The tables are built from the model's config and its tensor names (biases,
 q/k norms, tied heads are read off the checkpoint), so one builder covers a
-whole family. Tensors a spec does not place are an error, never averaged
-unaligned.
+whole family. Which builder a ``model_type`` uses, its head layout, its
+``Conv1D`` tensors (builders describe every projection in ``nn.Linear`` terms,
+axis 0 = outputs; stored [in, out] tensors get their axes swapped) and its
+fused projections come from the architecture table (``architectures.py``).
+Tensors a spec does not place are an error, never averaged unaligned.
 """
 
 from __future__ import annotations
@@ -22,26 +25,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + ("gpt2", "bert")
+from mergekit_drm.architectures import ARCHITECTURES, HeadLayout, fused_layout, is_conv1d
 
 
 class UnsupportedArchitecture(ValueError):
     pass
-
-
-@dataclass(frozen=True)
-class HeadLayout:
-    """Attention head layout; ``rope`` forbids within-head Q/K permutations."""
-
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rope: bool
-
-    @property
-    def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
 
 
 @dataclass(frozen=True)
@@ -123,7 +111,7 @@ def _axis(axis: int, role: str, *segments: Tuple[str, str, int]) -> AxisSpec:
 
 class _Builder:
     def __init__(self, architecture: str, names: Collection[str]):
-        self.architecture = architecture
+        self.architecture = architecture  # the model_type
         self.names = set(names)
         self.groups: Dict[str, Group] = {}
         self.tensors: Dict[str, TensorSpec] = {}
@@ -140,7 +128,9 @@ class _Builder:
                     "but the checkpoint does not have it"
                 )
             return
-        self.tensors[name] = TensorSpec(name, tuple(axes))
+        if is_conv1d(self.architecture, name):
+            axes = tuple(AxisSpec(1 - a.axis, a.role, a.segments) for a in axes)
+        self.tensors[name] = TensorSpec(name, tuple(sorted(axes, key=lambda a: a.axis)))
 
     def has(self, name: str) -> bool:
         return name in self.names
@@ -174,19 +164,35 @@ def _get(config: Any, *names: str, default=None):
     return default
 
 
+def _attention(config: Any) -> HeadLayout:
+    layout = ARCHITECTURES[config.model_type].attention(config)
+    if layout.num_heads % layout.num_kv_heads:
+        raise UnsupportedArchitecture(
+            f"mudsc: {layout.num_heads} attention heads are not a multiple of "
+            f"{layout.num_kv_heads} KV heads"
+        )
+    return layout
+
+
+def _fused_parts(config: Any, name: str) -> List[Tuple[str, int, int]]:
+    """(part, first row, end row) of a fused projection whose parts are whole."""
+    groups, sizes = fused_layout(config.model_type, name, config)
+    if groups != 1:
+        raise UnsupportedArchitecture(f"mudsc: {name} interleaves its parts per head")
+    parts, offset = [], 0
+    for part, size in sizes:
+        parts.append((part, offset, offset + size))
+        offset += size
+    return parts
+
+
 def _llama_family(config: Any, names: Collection[str]) -> PermutationSpec:
     b = _Builder(config.model_type, names)
     hidden = config.hidden_size
-    heads = config.num_attention_heads
-    kv = _get(config, "num_key_value_heads", default=heads)
-    head_dim = _get(config, "head_dim", default=hidden // heads)
+    layout = _attention(config)
+    heads, kv, head_dim = layout.num_heads, layout.num_kv_heads, layout.head_dim
     inter = config.intermediate_size
     layers = config.num_hidden_layers
-    if heads % kv:
-        raise UnsupportedArchitecture(
-            f"mudsc: {heads} attention heads are not a multiple of {kv} KV heads"
-        )
-    layout = HeadLayout(heads, kv, head_dim, rope=True)
     R = ("residual", "unit", hidden)
     res_taps = []
     for i in range(layers):
@@ -243,13 +249,11 @@ def _llama_family(config: Any, names: Collection[str]) -> PermutationSpec:
 
 
 def _gpt2(config: Any, names: Collection[str]) -> PermutationSpec:
-    b = _Builder("gpt2", names)
+    b = _Builder(config.model_type, names)
     hidden = config.n_embd
-    heads = config.n_head
-    head_dim = hidden // heads
     inter = _get(config, "n_inner", default=4 * hidden)
     layers = config.n_layer
-    layout = HeadLayout(heads, heads, head_dim, rope=False)
+    layout = _attention(config)
     R = ("residual", "unit", hidden)
     res_taps = []
     for i in range(layers):
@@ -267,43 +271,38 @@ def _gpt2(config: Any, names: Collection[str]) -> PermutationSpec:
     for i in range(layers):
         p = f"transformer.h.{i}"
         attn, mlp = f"layers.{i}.attn", f"layers.{i}.mlp"
+        fused = _fused_parts(config, f"{p}.attn.c_attn.weight")  # q, k, v
         b.group(Group(
             attn,
-            (("q", hidden), ("k", hidden), ("v", hidden), ("o", hidden)),
+            tuple((part, stop - start) for part, start, stop in fused) + (("o", hidden),),
             heads=layout,
-            taps=(
-                Tap(f"{p}.attn.c_attn", "output", "q", 0, hidden),
-                Tap(f"{p}.attn.c_attn", "output", "k", hidden, 2 * hidden),
-                Tap(f"{p}.attn.c_attn", "output", "v", 2 * hidden, 3 * hidden),
-            ),
+            taps=tuple(Tap(f"{p}.attn.c_attn", "output", part, start, stop)
+                       for part, start, stop in fused),
         ))
         b.group(Group(mlp, (("unit", inter),), taps=(Tap(f"{p}.mlp.c_proj", "input", "unit"),)))
-        qkv = ((attn, "q", hidden), (attn, "k", hidden), (attn, "v", hidden))
-        # Conv1D stores [in, out].
-        b.tensor(f"{p}.attn.c_attn.weight", _axis(0, "in", R), _axis(1, "out", *qkv))
+        qkv = tuple((attn, part, stop - start) for part, start, stop in fused)
+        b.tensor(f"{p}.attn.c_attn.weight", _axis(0, "out", *qkv), _axis(1, "in", R))
         b.tensor(f"{p}.attn.c_attn.bias", _axis(0, "out", *qkv))
-        b.tensor(f"{p}.attn.c_proj.weight", _axis(0, "in", (attn, "o", hidden)), _axis(1, "out", R))
+        b.tensor(f"{p}.attn.c_proj.weight", _axis(0, "out", R), _axis(1, "in", (attn, "o", hidden)))
         b.tensor(f"{p}.attn.c_proj.bias", _axis(0, "out", R))
         for ln in ("ln_1", "ln_2"):
             b.tensor(f"{p}.{ln}.weight", _axis(0, "out", R))
             b.tensor(f"{p}.{ln}.bias", _axis(0, "out", R))
         M = (mlp, "unit", inter)
-        b.tensor(f"{p}.mlp.c_fc.weight", _axis(0, "in", R), _axis(1, "out", M))
+        b.tensor(f"{p}.mlp.c_fc.weight", _axis(0, "out", M), _axis(1, "in", R))
         b.tensor(f"{p}.mlp.c_fc.bias", _axis(0, "out", M))
-        b.tensor(f"{p}.mlp.c_proj.weight", _axis(0, "in", M), _axis(1, "out", R))
+        b.tensor(f"{p}.mlp.c_proj.weight", _axis(0, "out", R), _axis(1, "in", M))
         b.tensor(f"{p}.mlp.c_proj.bias", _axis(0, "out", R))
     return b.finish(buffer_patterns=(r"attn\.(masked_)?bias$",))
 
 
 def _bert(config: Any, names: Collection[str]) -> PermutationSpec:
-    b = _Builder("bert", names)
+    b = _Builder(config.model_type, names)
     prefix = "bert." if any(n.startswith("bert.") for n in names) else ""
     hidden = config.hidden_size
-    heads = config.num_attention_heads
-    head_dim = hidden // heads
     inter = config.intermediate_size
     layers = config.num_hidden_layers
-    layout = HeadLayout(heads, heads, head_dim, rope=False)
+    layout = _attention(config)
     R = ("residual", "unit", hidden)
     res_taps = [Tap(f"{prefix}embeddings.LayerNorm", "output", "unit")]
     for i in range(layers):
@@ -374,16 +373,18 @@ def _bert(config: Any, names: Collection[str]) -> PermutationSpec:
     return b.finish(buffer_patterns=(r"position_ids$",))
 
 
-BUILDERS = {**{t: _llama_family for t in LLAMA_FAMILY}, "gpt2": _gpt2, "bert": _bert}
+# Builder per ``permutation`` name of the architecture table.
+BUILDERS = {"llama": _llama_family, "gpt2": _gpt2, "bert": _bert}
+SUPPORTED_MODEL_TYPES = tuple(t for t, a in ARCHITECTURES.items() if a.permutation)
 
 
 def build_spec(config: Any, tensor_names: Collection[str]) -> PermutationSpec:
     """The permutation spec of a checkpoint, from its config and tensor names."""
     model_type = getattr(config, "model_type", None)
-    builder = BUILDERS.get(model_type)
-    if builder is None:
+    arch = ARCHITECTURES.get(model_type or "")
+    if arch is None or arch.permutation is None:
         raise UnsupportedArchitecture(
             f"mudsc does not know how to align units of model_type {model_type!r}; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    return builder(config, tensor_names)
+    return BUILDERS[arch.permutation](config, tensor_names)
