@@ -13,13 +13,13 @@ Usage: ``mergekit-drm-demo [OUT_DIR] [--steps N]``
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
 import sys
 import time
 
+import click
 import torch
 
 DIGITS = 10
@@ -122,16 +122,16 @@ def write_config(path: str, method: str, params: dict, base: str, finetunes) -> 
         yaml.safe_dump(config, handle, sort_keys=False)
 
 
-def main(argv=None) -> int:
+@click.command("mergekit-drm-demo", help=__doc__.splitlines()[0],
+               context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("out_dir", metavar="[OUT]", required=False, default="./drm-demo")
+@click.option("--steps", type=int, default=300, show_default=True, help="fine-tuning steps per task")
+def demo(out_dir: str, steps: int) -> int:
     import transformers
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", nargs="?", default="./drm-demo")
-    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps per task")
-    args = parser.parse_args(argv)
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    out = os.path.abspath(args.out)
+    out = os.path.abspath(out_dir)
     os.makedirs(out, exist_ok=True)
     started = time.time()
 
@@ -140,14 +140,14 @@ def main(argv=None) -> int:
     if not os.path.exists(os.path.join(base_path, "config.json")):
         # The base has seen every task a little (like a pretrained LLM that
         # can follow many instructions badly); each fine-tune specializes it.
-        base = train(new_model(), ["copy", *tasks], args.steps // 4, seed=0, lr=3e-3, label="base (all tasks, briefly)")
+        base = train(new_model(), ["copy", *tasks], steps // 4, seed=0, lr=3e-3, label="base (all tasks, briefly)")
         base.save_pretrained(base_path)
     finetunes = []
     for index, task in enumerate(tasks):
         path = os.path.join(out, f"ft-{task}")
         if not os.path.exists(os.path.join(path, "config.json")):
             model = transformers.LlamaForCausalLM.from_pretrained(base_path)
-            train(model, [task], args.steps, seed=1 + index, lr=1e-3, label=task)
+            train(model, [task], steps, seed=1 + index, lr=1e-3, label=task)
             model.save_pretrained(path)
         finetunes.append(path)
     print(f"models ready in {time.time() - started:.0f} s: base + fine-tunes on {', '.join(tasks)}")
@@ -186,6 +186,18 @@ def main(argv=None) -> int:
     print()
     print(f"YAML configs and merged models are in {out}; total {time.time() - started:.0f} s")
     return 0
+
+
+def main(argv=None) -> int:
+    """The console script; returns the exit status (2 for a usage error)."""
+    try:
+        return demo.main(args=argv, prog_name="mergekit-drm-demo", standalone_mode=False)
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,13 +10,13 @@ Everything is checked and computed before any directory is created.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
 import sys
 from typing import Any, Dict, List, Optional
 
+import click
 import yaml
 
 from mergekit_drm.mudsc.alignment import permute_tensor
@@ -78,43 +78,59 @@ def write_permuted_copies(result: AlignmentResult, out_dir: str) -> List[str]:
     return written
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mergekit-mudsc-align",
-        description="Compute a MuDSC alignment for the models of a mergekit YAML and save it.",
-    )
-    parser.add_argument("config", help="mergekit YAML (models in order; mudsc parameters under `parameters:`)")
-    parser.add_argument("--alignment-out", required=True, help="directory for alignment.safetensors + alignment.json")
-    parser.add_argument("--permuted-out", help="also write models 2..N permuted into model 1's order here (mode: align)")
-    parser.add_argument("--device", default="cpu", help="torch device for the search and calibration (e.g. cuda)")
-    parser.add_argument("--cuda", action="store_true", help="same as --device cuda")
-    parser.add_argument("--force", action="store_true", help="write into non-empty output directories")
-    args = parser.parse_args(argv)
+@click.command(
+    "mergekit-mudsc-align",
+    help="Compute a MuDSC alignment for the models of a mergekit YAML and save it.\n\n"
+    "CONFIG: mergekit YAML (models in order; mudsc parameters under `parameters:`)",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.argument("config_file", metavar="CONFIG")
+@click.option("--alignment-out", required=True, help="directory for alignment.safetensors + alignment.json")
+@click.option("--permuted-out", help="also write models 2..N permuted into model 1's order here (mode: align)")
+@click.option("--device", default="cpu", show_default=True,
+              help="torch device for the search and calibration (e.g. cuda)")
+@click.option("--cuda", is_flag=True, help="same as --device cuda")
+@click.option("--force", is_flag=True, help="write into non-empty output directories")
+def align(config_file: str, alignment_out: str, permuted_out: Optional[str], device: str,
+          cuda: bool, force: bool) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        with open(args.config) as handle:
+        with open(config_file) as handle:
             config = yaml.safe_load(handle)
         models = [entry["model"] if isinstance(entry, dict) else entry for entry in config.get("models") or []]
         if config.get("base_model"):
             raise ValueError("mudsc merges models without a common base: remove `base_model:`")
         solver, calibration = _options(config.get("parameters") or {})
-        if args.permuted_out and solver.mode != "align":
+        if permuted_out and solver.mode != "align":
             raise ValueError("--permuted-out needs mode: align (zip does not produce a permutation)")
-        _refuse_existing(args.alignment_out, args.force)
-        _refuse_existing(args.permuted_out, args.force)
-        device = "cuda" if args.cuda else args.device
-        result = compute_alignment(models, solver, calibration, device=device, progress=True)
+        _refuse_existing(alignment_out, force)
+        _refuse_existing(permuted_out, force)
+        result = compute_alignment(models, solver, calibration, device="cuda" if cuda else device,
+                                   progress=True)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
-        print(f"mergekit-mudsc-align: error: {error}", file=sys.stderr)
+        click.echo(f"mergekit-mudsc-align: error: {error}", err=True)
         return 2
-    result.alignment.save(args.alignment_out)
-    print(f"alignment written to {args.alignment_out} ({result.seconds:.1f} s)")
-    if args.permuted_out:
-        written = write_permuted_copies(result, args.permuted_out)
-        print("aligned models (use these in any mergekit YAML):")
+    result.alignment.save(alignment_out)
+    click.echo(f"alignment written to {alignment_out} ({result.seconds:.1f} s)")
+    if permuted_out:
+        written = write_permuted_copies(result, permuted_out)
+        click.echo("aligned models (use these in any mergekit YAML):")
         for path in [result.sources[0].path] + written:
-            print(f"  - model: {path}")
+            click.echo(f"  - model: {path}")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The console script: the exit status (0; 2 for bad input or usage, as
+    argparse had it) is returned, not raised, so callers can run it in-process."""
+    try:
+        return align.main(args=argv, prog_name="mergekit-mudsc-align", standalone_mode=False)
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        return 1
 
 
 if __name__ == "__main__":
