@@ -1,4 +1,4 @@
-"""Smoke test of the MuDSC benchmark harness (benchmarks/mudsc): train two tiny
+"""Smoke test of the MuDSC benchmark harness (benchmarks/quality/mudsc): train two tiny
 Llamas from different inits for a few steps, merge them through mergekit, and
 check the report. ~1.5 min on one CPU thread."""
 
@@ -37,7 +37,7 @@ def _unigram_test_entropy(tokenizer_dir: Path) -> float:
     paths that compute the same number."""
     from transformers import PreTrainedTokenizerFast
 
-    from benchmarks.mudsc.data import load_documents, split_documents
+    from benchmarks.quality.mudsc.data import load_documents, split_documents
 
     tok = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
@@ -60,7 +60,7 @@ def _unigram_test_entropy(tokenizer_dir: Path) -> float:
 def test_quick_benchmark_runs_and_beats_unigram(tmp_path):
     out = tmp_path / "work"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.mudsc.run", "--quick", "--out", str(out),
+        [sys.executable, "-m", "benchmarks.quality.mudsc.run", "--quick", "--out", str(out),
          "--cache", str(tmp_path / "cache")],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )

@@ -2,7 +2,7 @@
 before and after mudsc alignment (align, alpha 0.5), and the mean matched
 correlation per group kind: where does the merged model lose?
 
-    python -m benchmarks.mudsc.path      (after `python -m benchmarks.mudsc.run`)
+    python -m benchmarks.quality.mudsc.path      (after `python -m benchmarks.quality.mudsc.run`)
 """
 
 import glob
@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import transformers
 
-from benchmarks.mudsc import data as D
-from benchmarks.mudsc.evaluate import evaluate_models
+from benchmarks.quality.mudsc import data as D
+from benchmarks.quality.mudsc.evaluate import evaluate_models
 from mergekit_drm.mudsc.alignment import Alignment, merge_tensor
 from mergekit_drm.mudsc.engine import CalibrationOptions, compute_alignment
 from mergekit_drm.mudsc.solver import SolverOptions
@@ -26,7 +26,7 @@ def main():
     torch.set_num_threads(1)
     paths = sorted(glob.glob(os.path.join(HERE, "cache", "checkpoints", "*", "*", "st800-b16-L128-*", "seed[01]")))
     if len(paths) != 2:
-        sys.exit("train the endpoints first: python -m benchmarks.mudsc.run")
+        sys.exit("train the endpoints first: python -m benchmarks.quality.mudsc.run")
     test = D.blocks(D.load_corpus().streams["test"], 128, 200)
     calib = os.path.join(HERE, "cache", "work", "calibration.txt")
     states = [transformers.AutoModelForCausalLM.from_pretrained(p).state_dict() for p in paths]

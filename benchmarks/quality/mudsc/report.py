@@ -122,7 +122,7 @@ def write_report(result: Dict, results_dir: Path, command: Optional[str] = None)
                else "`mudsc` rows were left out of this run (`--methods`)")
         L.append("")
         L.append(f"*{why}; its rows (alpha 0 / 0.5 / 1 x align / zip, `MUDSC_METHODS` in "
-                 "`benchmarks/mudsc/run.py`) appear in a run without `--methods`.*")
+                 "`benchmarks/quality/mudsc/run.py`) appear in a run without `--methods`.*")
     L.append("")
     L.append("## Endpoints")
     L.append("")
@@ -169,7 +169,7 @@ def write_report(result: Dict, results_dir: Path, command: Optional[str] = None)
                  "relative to the repository root):")
         L.append("")
         L.append("```yaml")
-        repo = str(Path(__file__).resolve().parents[2]) + "/"
+        repo = str(Path(__file__).resolve().parents[3]) + "/"
         L.append(Path(configs[0]["config"]).read_text().rstrip().replace(repo, ""))
         L.append("```")
     L.append("")

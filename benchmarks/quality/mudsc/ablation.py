@@ -1,14 +1,14 @@
-"""Ablation on the benchmark's pair 0+1 (run `python -m benchmarks.mudsc.run` first):
+"""Ablation on the benchmark's pair 0+1 (run `python -m benchmarks.quality.mudsc.run` first):
 residual-stream activations averaged over every norm output (mudsc's default) vs
 the final norm only (the reference's single location), and 256 vs 64 calibration
 windows. Prints the test loss (first 200 test blocks) of each merge.
 
-    python -m benchmarks.mudsc.ablation
+    python -m benchmarks.quality.mudsc.ablation
 """
 import sys, dataclasses, torch, transformers
 torch.set_num_threads(1)
-from benchmarks.mudsc import data as D
-from benchmarks.mudsc.evaluate import evaluate_models
+from benchmarks.quality.mudsc import data as D
+from benchmarks.quality.mudsc.evaluate import evaluate_models
 from mergekit_drm.mudsc import specs, engine
 from mergekit_drm.mudsc.engine import compute_alignment, CalibrationOptions
 from mergekit_drm.mudsc.solver import SolverOptions
@@ -17,7 +17,7 @@ import glob, os
 HERE = os.path.dirname(os.path.abspath(__file__))
 found = sorted(glob.glob(os.path.join(HERE, "cache", "checkpoints", "*", "*", "st800-b16-L128-*", "seed[01]")))
 if len(found) != 2:
-    sys.exit("train the endpoints first: python -m benchmarks.mudsc.run")
+    sys.exit("train the endpoints first: python -m benchmarks.quality.mudsc.run")
 paths = found
 corpus = D.load_corpus()
 test = D.blocks(corpus.streams["test"], 128, 200)

@@ -15,8 +15,8 @@ distributed for research use): 2225 plain-text files, about 5 MB.
   as BOS/EOS/PAD; saved next to every model so that mergekit can copy it.
 * Token streams: each split's documents concatenated, each followed by EOS.
 
-Everything is cached under ``benchmarks/mudsc/cache/`` (git-ignored by
-``benchmarks/mudsc/.gitignore``).
+Everything is cached under ``benchmarks/quality/mudsc/cache/`` (git-ignored by
+``benchmarks/quality/mudsc/.gitignore``).
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def unigram_entropy(train_stream, eval_stream, vocab_size: int, smoothing: float
     return float(-logp[eval_stream].mean())
 
 
-if __name__ == "__main__":  # python -m benchmarks.mudsc.data
+if __name__ == "__main__":  # python -m benchmarks.quality.mudsc.data
     c = load_corpus()
     print(c.describe())
     print("vocab", c.vocab_size, "unigram test CE",

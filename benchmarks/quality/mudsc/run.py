@@ -7,8 +7,8 @@ initialization seeds, merged through mergekit (one YAML per merge, run by
 with the endpoints and an output ensemble (mean of the models' softmax
 probabilities): mean token cross-entropy, perplexity, next-token accuracy.
 
-    python -m benchmarks.mudsc.run                # full: writes benchmarks/results/mudsc.{md,png}
-    python -m benchmarks.mudsc.run --quick --out /tmp/mudsc-quick   # smoke test, < 2 min
+    python -m benchmarks.quality.mudsc.run                # full: writes benchmarks/results/mudsc.{md,png}
+    python -m benchmarks.quality.mudsc.run --quick --out /tmp/mudsc-quick   # smoke test, < 2 min
 
 Adding a method = one entry ``(label, merge_method, parameters)`` in
 ``METHODS`` (or ``MUDSC_METHODS``, used once ``mudsc`` is registered with
@@ -28,15 +28,16 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-if __package__ in (None, ""):  # `python benchmarks/mudsc/run.py` from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    __package__ = "benchmarks.mudsc"
+if __package__ in (None, ""):  # `python benchmarks/quality/mudsc/run.py` from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+    __package__ = "benchmarks.quality.mudsc"
 
 from . import data as D  # noqa: E402
 from .train import ModelSpec, TrainSpec  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-RESULTS_DIR = HERE.parent / "results"
+REPO = HERE.parents[2]
+RESULTS_DIR = REPO / "benchmarks" / "results"
 CALIBRATION = "{calibration}"  # placeholder, substituted when the YAML is written
 
 MethodEntry = Tuple[str, str, Dict]
@@ -134,10 +135,10 @@ def run_yaml_isolated(config_path: Path, out_dir: Path, random_seed: int = 0,
     import subprocess
 
     env = dict(os.environ, MUDSC_THREADS=str(threads), HF_HUB_OFFLINE="1")
-    root = str(HERE.parents[1])
+    root = str(REPO)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else root
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.mudsc.run", "--merge-one", str(config_path), str(out_dir),
+        [sys.executable, "-m", "benchmarks.quality.mudsc.run", "--merge-one", str(config_path), str(out_dir),
          "--merge-seed", str(random_seed)],
         cwd=root, env=env, capture_output=True, text=True,
     )
@@ -260,7 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke test: short training, small eval (< 2 min)")
     p.add_argument("--out", default=None, help="work dir for YAMLs, merged models, results.json "
-                   "(default: benchmarks/mudsc/cache/work[-quick])")
+                   "(default: benchmarks/quality/mudsc/cache/work[-quick])")
     p.add_argument("--seeds", default="0,1", help="init seeds of the endpoints (comma-separated)")
     p.add_argument("--cache", default=str(D.DEFAULT_CACHE), help="tokenizer/corpus/endpoint cache")
     p.add_argument("--results", default=None, help="where mudsc.md/.png go (default: "
@@ -283,7 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     run(Path(out), quick=a.quick, seeds=[int(s) for s in a.seeds.split(",")], cache=Path(a.cache),
         results_dir=Path(a.results) if a.results else None,
         only=a.methods.split(",") if a.methods else None, vocab_size=a.vocab, in_process=a.in_process,
-        command=" ".join(["python -m benchmarks.mudsc.run"] + list(sys.argv[1:] if argv is None else argv)))
+        command=" ".join(["python -m benchmarks.quality.mudsc.run"] + list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":
