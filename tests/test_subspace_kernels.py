@@ -251,3 +251,13 @@ def test_subspace_sizes_rule():
         assert k >= 0 and s >= 0 and k + t * s == r
     with pytest.raises(ValueError, match="common_space_fraction"):
         subspace_sizes(10, 2, 1.5)
+
+
+def test_iso_cts_of_low_rank_tasks_inside_the_common_subspace_is_iso_c():
+    """LoRA-like tasks: the sum's rank (6) is inside the common subspace, the residuals are
+    rounding noise and must add no direction (float32, where the noise is largest)."""
+    deltas = _t(_deltas(3, 40, 30, seed=15, rank=2), torch.float32)
+    iso_c = iso_c_merge_matrix(deltas)
+    iso_cts = iso_cts_merge_matrix(deltas, common_space_fraction=0.8)
+    torch.testing.assert_close(iso_cts, iso_c, rtol=1e-4, atol=1e-5 * float(iso_c.abs().max()))
+    assert torch.linalg.matrix_rank(iso_cts.double(), rtol=1e-4) == 6

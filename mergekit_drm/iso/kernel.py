@@ -26,7 +26,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from mergekit_drm.decompose import SvdMode
+from mergekit_drm.decompose import SvdMode, rank_floor
 from mergekit_drm.subspace import Triplets, orthogonalized_factors, truncated_svd
 
 Factors = Tuple[torch.Tensor, torch.Tensor]
@@ -67,9 +67,16 @@ def iso_cts_factors(
     common_u, common_s, common_vh = truncated_svd(total, k, svd=svd)
     parts: list[Triplets] = [(common_u, common_s, common_vh)]
     if per_task > 0:
+        floor = rank_floor((n, m), total.dtype)
         for delta in deltas:
             residual = delta - common_u @ (common_u.T @ delta)
-            parts.append(truncated_svd(residual, per_task, svd=svd))
+            u, s, vh = truncated_svd(residual, per_task, svd=svd)
+            # The residual's rank cut is relative to the task vector itself: a
+            # residual that is rounding noise (the task lies inside the common
+            # subspace, as low-rank adapters do) must add nothing, while its own
+            # largest singular value would let every noise direction through.
+            keep = int((s > floor * torch.linalg.matrix_norm(delta)).sum())
+            parts.append((u[:, :keep], s[:keep], vh[:keep]))
     sigma = torch.cat([s for _, s, _ in parts])
     if sigma.numel() == 0:
         return total.new_zeros(n, 0), total.new_zeros(0, m)
