@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-METHOD_ORDER = ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "tsv_m", "drm-V", "drm-H"]
+METHOD_ORDER = ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "tsv_m", "iso_c", "iso_cts", "drm-V", "drm-H"]
 
 
 def _mean(d):

@@ -41,7 +41,8 @@ QUICK_SIZES = FULL_SIZES  # same splits and fine-tunes: quick mode reuses the fu
 # rescaled by 1/keep-probability (larger); task_arithmetic and dare_ties are
 # sums (5 tasks: a mean at 1 is a sum at 0.2); breadcrumbs sums pruned,
 # un-rescaled deltas (smaller); TSV-M is a sum of orthogonalized low-rank parts
-# (paper default alpha 1). The ranges were widened once after a first pass
+# (paper default alpha 1); Iso-C/Iso-CTS keep the nuclear norm of the sum but
+# spread it evenly (smaller Frobenius norm than the sum; default alpha 1). The ranges were widened once after a first pass
 # with three common values (ties' optimum was at the lower edge, breadcrumbs'
 # at the upper one). To keep edges from deciding the ranking, ``Bench.best``
 # applies one rule to every method: a selection at a grid edge gets one more
@@ -54,6 +55,8 @@ LAMBDAS = {
     "breadcrumbs": [0.3, 0.6, 0.9, 1.2],
     "della": [0.3, 0.5, 0.7, 1.0],
     "tsv_m": [0.3, 0.5, 1.0, 1.5],
+    "iso_c": [0.5, 0.75, 1.0, 1.5],
+    "iso_cts": [0.5, 0.75, 1.0, 1.5],
     "drm-V": [0.7, 1.0, 1.5, 2.0],
     "drm-H": [0.7, 1.0, 1.5, 2.0],
 }
@@ -69,13 +72,17 @@ def main_grid() -> Dict[str, List[Dict]]:
         "breadcrumbs": [("breadcrumbs", {"density": DENSITY, "gamma": 0.01, "lambda": l}) for l in L["breadcrumbs"]],
         "della": [("della", {"density": DENSITY, "epsilon": 0.1, "lambda": l}) for l in L["della"]],
         "tsv_m": [("tsv_m", {"lambda": a}) for a in L["tsv_m"]],
+        "iso_c": [("iso_c", {"lambda": a}) for a in L["iso_c"]],
+        "iso_cts": [("iso_cts", {"lambda": a}) for a in L["iso_cts"]],
         "drm-V": [("drm", {"direction": "vertical", "density": DENSITY, "lambda": l}) for l in L["drm-V"]],
         "drm-H": [("drm", {"direction": "horizontal", "density": DENSITY, "lambda": l}) for l in L["drm-H"]],
     }
 
 
-# LoRA stage (time budget): the main competitors only.
-LORA_METHODS = ("linear", "task_arithmetic", "ties", "tsv_m", "drm-V", "drm-H")
+# LoRA stage (time budget): the main competitors only. No iso_cts: for 5
+# rank-8 adapters the sum's rank (<= 40) is inside Iso-CTS's common subspace
+# (0.8 * 384 directions), the residuals are zero and it equals iso_c.
+LORA_METHODS = ("linear", "task_arithmetic", "ties", "tsv_m", "iso_c", "drm-V", "drm-H")
 
 
 def _slug(method: str, params: Dict) -> str:
