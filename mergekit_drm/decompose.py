@@ -17,8 +17,11 @@ eps / rank_tol^2, 2e-12 at the default cut; below rank_tol ~1e-5 (e.g. 0 =
 numerical rank) float64 cannot resolve the cut and the full SVD is used.
 
 ``auto`` (default) picks the cheapest of full / left / right by a flop-count
-cost model calibrated on this CPU (``route_costs``); ``gram`` forces a Gram
-route on the short side. Whatever the route, the per-model coordinates are
+cost model whose constants are measured on the machine it runs on
+(``route_costs``, ``linalg_backends.route_constants``); ``gram`` forces a Gram
+route on the short side. The eigensolver (torch/MKL, numpy/OpenBLAS, scipy
+drivers) and the GEMM library are also the ones measured fastest here
+(``linalg_backends``). Whatever the route, the per-model coordinates are
 computed by projecting the deltas on the basis (``project``), which keeps
 exact zeros exact.
 """
@@ -28,6 +31,8 @@ from __future__ import annotations
 from typing import Literal, Optional, Tuple
 
 import torch
+
+from mergekit_drm.linalg_backends import add_gram, eigh, matmul, new_gram, route_constants, stage
 
 SvdMode = Literal["auto", "full", "gram"]
 
@@ -50,24 +55,23 @@ def _gram_error(dtype: torch.dtype, tol: float) -> float:
     return torch.finfo(dtype).eps / max(tol, 1e-300) ** 2
 
 
-# Rough CPU cost constants (seconds per flop-ish unit), measured with torch
-# 2.13 on 2 cores: eigh(2816) float32 1.1 s; svd(3072 x 2816) float32 3.6 s;
-# float32 GEMM ~1e11 flop/s. float64 costs about 2.2x. Only ratios matter.
-_C_EIGH, _C_SVD, _C_GEMM = 4.9e-11, 7.7e-11, 1e-11
-
-
 def route_costs(p: int, width: int, dtype: torch.dtype) -> dict:
-    """Estimated cost of each route for A = p x width (width = N*q)."""
+    """Estimated seconds of each route for A = p x width (width = N*q).
+
+    Flop counts times seconds-per-flop measured on this machine (or fixed
+    fallbacks with ``MERGEKIT_DRM_CALIBRATION=off``).
+    """
+    c = route_constants()
     a, b = max(p, width), min(p, width)
-    f64 = 2.2
-    slow = f64 if dtype == torch.float64 else 1.0
+    svd = c["svd64"] if dtype == torch.float64 else c["svd32"]
+    gemm = c["gemm64"] if dtype == torch.float64 else c["gemm32"]
     project = 2 * p * b * width  # coordinates, in the compute dtype
-    gram_left = 2 * p * p * width
-    gram_right = p * width * width + 2 * p * b * width  # Gram + basis
+    gram_left = p * p * width  # one triangle (syrk) where the BLAS has it
+    gram_right = p * width * width  # N(N+1)/2 blocks of q x q
     return {
-        "full": slow * (_C_SVD * (a * b * b + b ** 3) + _C_GEMM * project),
-        "left64": f64 * (_C_EIGH * p ** 3 + _C_GEMM * gram_left) + slow * _C_GEMM * project,
-        "right64": f64 * (_C_EIGH * width ** 3 + _C_GEMM * gram_right) + slow * _C_GEMM * project,
+        "full": svd * (a * b * b + b ** 3) + gemm * project,
+        "left64": c["eigh64"] * p ** 3 + c["gemm64"] * 2 * gram_left + gemm * project,
+        "right64": c["eigh64"] * width ** 3 + c["gemm64"] * gram_right + gemm * 2 * project,
     }
 
 
@@ -126,15 +130,16 @@ def low_rank_factors(
 
 def _svd_factors(deltas: torch.Tensor, tol: float):
     n_models, p, q = deltas.shape
-    stacked = deltas.permute(1, 0, 2).reshape(p, n_models * q)
-    if p >= n_models * q:
-        u, s, _ = torch.linalg.svd(stacked, full_matrices=False)
-    else:
-        # LAPACK's SVD of a wide matrix was measured several times slower
-        # than of its (tall) transpose: decompose A^T = V S U^T instead.
-        _, s, uh = torch.linalg.svd(stacked.T, full_matrices=False)
-        u = uh.T
-    del stacked
+    with stage("svd"):
+        stacked = deltas.permute(1, 0, 2).reshape(p, n_models * q)
+        if p >= n_models * q:
+            u, s, _ = torch.linalg.svd(stacked, full_matrices=False)
+        else:
+            # LAPACK's SVD of a wide matrix was measured several times slower
+            # than of its (tall) transpose: decompose A^T = V S U^T instead.
+            _, s, uh = torch.linalg.svd(stacked.T, full_matrices=False)
+            u = uh.T
+        del stacked
     r = _rank(s, tol)
     basis, sigma = u[:, :r], s[:r]
     return basis, sigma, project(deltas, basis, sigma)
@@ -147,43 +152,45 @@ def project(deltas: torch.Tensor, basis: torch.Tensor, sigma: torch.Tensor) -> t
     is exactly zero (a column a model left unchanged) the GEMM gives exact
     zeros, where the SVD's factor holds rounding noise that DRM's
     renormalization would blow up and its disjoint mean would count.
+    The GEMMs run in the deltas' dtype (float32 for float32 inputs: the
+    basis is exact to float64 already, the product needs no more).
     """
     n_models, _, q = deltas.shape
-    coords = torch.empty((n_models, basis.shape[1], q), dtype=deltas.dtype, device=deltas.device)
-    inv = (1.0 / sigma).to(deltas.dtype).unsqueeze(1)
-    for index, delta in enumerate(deltas):
-        torch.mm(basis.T, delta, out=coords[index])
-        coords[index].mul_(inv)
+    with stage("project"):
+        coords = torch.empty((n_models, basis.shape[1], q), dtype=deltas.dtype, device=deltas.device)
+        basis_t = basis.to(deltas.dtype).T.contiguous()
+        inv = (1.0 / sigma).to(deltas.dtype).unsqueeze(1)
+        for index, delta in enumerate(deltas):
+            matmul(basis_t, delta, out=coords[index])
+            coords[index].mul_(inv)
     return coords
 
 
 def _gram_factors(deltas: torch.Tensor, tol: float, gram_dtype: torch.dtype, left: bool):
-    """Gram route: eigendecomposition of sum_t D_t D_t^T (left) or A^T A (right)."""
+    """Gram route: eigendecomposition of sum_t D_t D_t^T (left) or A^T A (right).
+
+    The Gram matrix is float64 (see ``choose_route``), built one model at a
+    time (never a float64 copy of the stack); only its upper triangle is
+    needed, so the left Gram uses a rank-k update (syrk) where that is faster.
+    """
     n_models, p, q = deltas.shape
     dtype = deltas.dtype
-    size = p if left else n_models * q
-    gram = torch.zeros((size, size), dtype=gram_dtype, device=deltas.device)
-    # One model's float64 copy at a time: never a float64 copy of the stack.
-    def cast(index):
-        return deltas[index].to(gram_dtype)
-
-    if left:
-        for index in range(n_models):
-            d = cast(index)
-            gram.addmm_(d, d.T)
-            del d
-    else:
-        for s in range(n_models):
-            d_s = cast(s)
-            for t in range(s, n_models):
-                d_t = d_s if t == s else cast(t)
-                block = d_s.T @ d_t
-                gram[s * q:(s + 1) * q, t * q:(t + 1) * q] = block
-                if s != t:
-                    gram[t * q:(t + 1) * q, s * q:(s + 1) * q] = block.T
-                del d_t, block
-            del d_s
-    evals, evecs = torch.linalg.eigh(gram)
+    with stage("gram"):
+        if left:
+            gram = new_gram(p, deltas.device)
+            for delta in deltas:
+                add_gram(gram, delta)
+        else:
+            gram = torch.zeros((n_models * q, n_models * q), dtype=gram_dtype, device=deltas.device)
+            for s in range(n_models):
+                d_s = deltas[s].to(gram_dtype)
+                for t in range(s, n_models):
+                    d_t = d_s if t == s else deltas[t].to(gram_dtype)
+                    # Upper triangle of blocks only: eigh reads the upper triangle.
+                    matmul(d_s.T, d_t, out=gram[s * q:(s + 1) * q, t * q:(t + 1) * q])
+                    del d_t
+                del d_s
+    evals, evecs = eigh(gram)
     del gram
     evals = evals.flip(0)
     if evals.numel() == 0 or not bool(evals[0] > 0):
@@ -196,11 +203,12 @@ def _gram_factors(deltas: torch.Tensor, tol: float, gram_dtype: torch.dtype, lef
     if left:
         basis = vecs.to(dtype)
     else:
-        # U = A V diag(1/sigma), accumulated model by model.
-        right = vecs.to(dtype).T.reshape(r, n_models, q)
-        basis = torch.zeros((p, r), dtype=dtype, device=deltas.device)
-        for index, delta in enumerate(deltas):
-            basis.addmm_(delta, right[:, index, :].T)
-        basis.mul_((1.0 / sigma).to(dtype).unsqueeze(0))
+        with stage("basis"):
+            # U = A V diag(1/sigma), accumulated model by model.
+            right = vecs.to(dtype)
+            basis = torch.zeros((p, r), dtype=dtype, device=deltas.device)
+            for index, delta in enumerate(deltas):
+                basis.add_(matmul(delta, right[index * q:(index + 1) * q]))
+            basis.mul_((1.0 / sigma).to(dtype).unsqueeze(0))
     sigma = sigma.to(dtype)
     return basis, sigma, project(deltas, basis, sigma)

@@ -26,7 +26,7 @@ from mergekit.merge_methods.base import (
 )
 from mergekit_drm.architectures import matrix_layout
 from mergekit_drm.checks import check_finite, check_parameter_names, planned_configuration
-from mergekit_drm.drm.kernel import drm_merge_matrix, elementwise_merge
+from mergekit_drm.drm.kernel import drm_merge_matrix, elementwise_merge, resolve_compute_dtype
 from mergekit_drm.drm.options import NORM_TARGETS
 from mergekit_drm.preflight import (
     check_present,
@@ -83,7 +83,7 @@ def _choice(name: str, options: Sequence[str]):
 
 DIRECTIONS = ("vertical", "horizontal")
 SVD_MODES = ("auto", "full", "gram")
-COMPUTE_DTYPES = ("float32", "float64")
+COMPUTE_DTYPES = ("auto", "float32", "float64")
 
 PARAMETERS = (
     ParameterSpec(
@@ -125,7 +125,8 @@ PARAMETERS = (
     ParameterSpec("svd", _choice("svd", SVD_MODES), ParameterScope.SHARED, default="auto"),
     ParameterSpec(
         "compute_dtype", _choice("compute_dtype", COMPUTE_DTYPES),
-        ParameterScope.SHARED, default="float32",
+        ParameterScope.SHARED, default="auto",
+        description="auto = the inputs' precision, at least float32 (float64 checkpoints compute in float64)",
     ),
     # Opt-in additions beyond the paper (drm/options.py); defaults = the paper.
     ParameterSpec(
@@ -215,7 +216,13 @@ class DRMMerge(GroupMergeMethod):
             check_finite(entry.tensor, method="drm", tensor_name=name, model=entry.id)
         densities = {params["density"][entry.id] for entry in entries}
         _check_one_density(name, densities)
-        compute_dtype = getattr(torch, params["compute_dtype"])
+        input_dtype = base.dtype
+        for entry in entries:
+            input_dtype = torch.promote_types(input_dtype, entry.tensor.dtype)
+        asked = params["compute_dtype"]
+        compute_dtype = resolve_compute_dtype(
+            None if asked == "auto" else getattr(torch, asked), input_dtype
+        )
         weights = [params["weight"][entry.id] for entry in entries]
         base_c = base.to(compute_dtype)
         deltas = torch.empty(

@@ -48,6 +48,7 @@ from mergekit_drm.drm.kernel import (
     Direction,
     check_joint_options,
     check_matrix_options,
+    resolve_compute_dtype,
     merge_in_basis,
 )
 
@@ -176,7 +177,7 @@ def drm_merge_lowrank(
     sign_election: bool = True,
     disjoint: bool = True,
     scale: float = 1.0,
-    compute_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     rank_budget: float = 1.0,
     whiten: bool = False,
@@ -195,6 +196,13 @@ def drm_merge_lowrank(
     ``norm_target`` are the kernel's opt-in additions, exact here too: they
     act on the joint-space coordinates, which the factors give exactly.
     """
+    factor_dtype = torch.float32
+    for adapter in adapters:
+        if adapter is not None:
+            factor_dtype = torch.promote_types(factor_dtype, adapter.B.dtype)
+            factor_dtype = torch.promote_types(factor_dtype, adapter.A.dtype)
+    # Default: the factors' precision, at least float32 (as the dense kernel).
+    compute_dtype = resolve_compute_dtype(compute_dtype, factor_dtype)
     check_matrix_options(direction, density, rank_tol, compute_dtype)
     check_joint_options(rank_budget, norm_target)
     n, m = shape

@@ -1,0 +1,420 @@
+"""Which library runs each dense CPU operation, chosen by timing it on this machine.
+
+torch ships MKL; numpy and scipy ship OpenBLAS. Which is faster depends on the
+CPU: on an AMD EPYC (Zen 4) OpenBLAS's float64 GEMM was measured 2x MKL's and
+its ``syevd`` 1.4x at n = 2816, while on other CPUs MKL wins. So nothing here
+is a constant measured elsewhere: each choice is a race between exact
+implementations, run once per machine and library versions and cached in a
+JSON file (``$MERGEKIT_DRM_CACHE_DIR``, default ``~/.cache/mergekit-drm``).
+
+* ``eigh``: symmetric eigensolver, raced per size bucket (a quarter octave)
+  on the first real Gram matrix of that size: every candidate decomposes it,
+  the fastest one's result is used and its name cached. Candidates: torch
+  (MKL ``syevd``), numpy (OpenBLAS ``syevd``), scipy drivers ``evd`` and
+  ``evr``. (scipy's ``subset_by_value``, i.e. only the eigenpairs above the
+  rank cut, was measured 5x slower than the full ``evr`` at n = 2816: DRM
+  keeps about half the spectrum, where bisection and inverse iteration lose
+  to the full tridiagonal solvers.)
+* ``gemm``: float32/float64 matrix products (torch vs numpy), and the Gram
+  matrix D D^T (torch GEMM vs BLAS ``dsyrk``, half the flops), raced once on
+  small synthetic matrices.
+* ``route constants``: seconds per flop of eigh, SVD and GEMM for
+  ``decompose.route_costs``, measured once on small synthetic matrices.
+
+Environment: ``MERGEKIT_DRM_CALIBRATION=off`` disables timing and the cache
+(everything runs in torch, the cost model uses fixed constants);
+``MERGEKIT_DRM_EIGH`` / ``MERGEKIT_DRM_GEMM`` force one candidate. Concurrent
+processes are safe: the file is read-merged-written under an exclusive lock
+and replaced atomically; a lost or corrupt file only means re-measuring.
+GPU tensors always use torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import fcntl
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+import threading
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+EIGH_SOLVERS = ("torch", "numpy", "scipy-evd", "scipy-evr")
+GEMM_LIBRARIES = ("torch", "numpy")
+GRAM_KERNELS = ("torch-gemm", "blas-syrk")
+# Below this size the eigensolvers differ by milliseconds: no race.
+MIN_RACED_EIGH = 384
+
+_lock = threading.Lock()
+_memory: Dict[str, object] = {}
+
+
+# ---------------------------------------------------------------- stage timer
+
+_stage_totals: contextvars.ContextVar = contextvars.ContextVar("drm_stage_totals", default=None)
+
+
+@contextlib.contextmanager
+def stage(name: str):
+    """Adds the block's wall time to ``name`` inside ``record_stages`` (else free)."""
+    totals = _stage_totals.get()
+    if totals is None:
+        yield
+        return
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        totals[name] = totals.get(name, 0.0) + time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def record_stages():
+    """Collect per-stage wall times (CPU; GPU work is not synchronized) in a dict."""
+    totals: Dict[str, float] = {}
+    token = _stage_totals.set(totals)
+    try:
+        yield totals
+    finally:
+        _stage_totals.reset(token)
+
+
+# ------------------------------------------------------------------ the cache
+
+
+def calibration_enabled() -> bool:
+    return os.environ.get("MERGEKIT_DRM_CALIBRATION", "on").lower() not in ("off", "0", "false", "no")
+
+
+def cpu_model() -> str:
+    """CPU model name plus family/model (AMD's 'AMD EPYC' alone names no generation)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields:
+        name += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
+    return name
+
+
+def numpy_blas() -> str:
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        return f"{blas.get('name')} {blas.get('version')}"
+    except Exception:  # numpy < 1.26 has no dict mode
+        return "unknown"
+
+
+def machine_key() -> dict:
+    """What a measurement depends on: CPU, libraries, threads, BLAS settings."""
+    try:
+        import scipy
+
+        scipy_version = scipy.__version__
+    except ImportError:
+        scipy_version = None
+    env = {
+        name: os.environ.get(name)
+        for name in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                     "MKL_NUM_THREADS", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE")
+        if os.environ.get(name)
+    }
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "numpy": np.__version__,
+        "numpy_blas": numpy_blas(),
+        "scipy": scipy_version,
+        "env": env,
+    }
+
+
+def cache_path() -> str:
+    root = os.environ.get("MERGEKIT_DRM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mergekit-drm"
+    )
+    digest = hashlib.sha1(json.dumps(machine_key(), sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(root, f"calibration-{digest}.json")
+
+
+def _read(path: str) -> dict:
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+        return data.get("results", {}) if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(path: str, name: str, value) -> None:
+    """Merge one result into the file: exclusive lock, atomic replace."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            results = _read(path)
+            results[name] = value
+            handle, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+            with os.fdopen(handle, "w") as out:
+                json.dump({"machine": machine_key(), "results": results}, out, indent=1)
+            os.replace(tmp, path)
+    except OSError:
+        pass  # read-only home: the result still lives in memory for this process
+
+
+def cached(name: str, measure: Callable[[], object]):
+    """The cached result ``name`` for this machine, measuring it if missing."""
+    path = cache_path()
+    key = path + "::" + name
+    with _lock:
+        if key in _memory:
+            return _memory[key]
+    value = _read(path).get(name)
+    if value is None:
+        value = measure()
+        _write(path, name, value)
+    with _lock:
+        _memory[key] = value
+    return value
+
+
+def forget_memory() -> None:
+    """Drop the in-process copy (tests; the file is untouched)."""
+    with _lock:
+        _memory.clear()
+
+
+# ----------------------------------------------------------------- candidates
+
+
+def _scipy_linalg():
+    try:
+        import scipy.linalg
+
+        return scipy.linalg
+    except ImportError:
+        return None
+
+
+def _eigh(name: str, gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Ascending eigenpairs of a float64 CPU matrix whose upper triangle is set."""
+    if name == "torch":
+        return torch.linalg.eigh(gram, UPLO="U")
+    array = gram.numpy()
+    if name == "numpy":
+        values, vectors = np.linalg.eigh(array, UPLO="U")
+    else:
+        values, vectors = _scipy_linalg().eigh(
+            array, lower=False, driver=name.split("-")[1], check_finite=False
+        )
+    return torch.from_numpy(values), torch.from_numpy(vectors)
+
+
+def _available_eigh():
+    names = [n for n in EIGH_SOLVERS if not n.startswith("scipy") or _scipy_linalg() is not None]
+    forced = os.environ.get("MERGEKIT_DRM_EIGH")
+    if forced:
+        if forced not in names:
+            raise ValueError(
+                f"MERGEKIT_DRM_EIGH must be one of {', '.join(names)}; got {forced!r}"
+            )
+        return [forced]
+    return names
+
+
+def _bucket(size: int) -> str:
+    return f"{round(4 * math.log2(max(size, 1))) / 4:.2f}"
+
+
+def eigh(gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Ascending eigenpairs of a symmetric float64 matrix (upper triangle read).
+
+    On CPU by the solver that won this size's race on this machine; the first
+    matrix of a size bucket runs the race itself (results of the fastest).
+    """
+    size = gram.shape[0]
+    names = _available_eigh()
+    if gram.device.type != "cpu" or not calibration_enabled() or size < MIN_RACED_EIGH:
+        name = names[0] if os.environ.get("MERGEKIT_DRM_EIGH") else "torch"
+        name = name if gram.device.type == "cpu" else "torch"
+        with stage("eigh"):
+            return _eigh(name, gram)
+    fastest = {}
+
+    def race():
+        times = {}
+        for candidate in names:
+            start = time.perf_counter()
+            result = _eigh(candidate, gram.clone())
+            times[candidate] = time.perf_counter() - start
+            if candidate == min(times, key=times.get):
+                fastest.clear()  # keep one result, not one per solver
+                fastest[candidate] = result
+            del result
+        return {"best": min(times, key=times.get), "seconds": times, "size": size}
+
+    with stage("eigh"):
+        choice = cached(f"eigh:{_bucket(size)}", race) if len(names) > 1 else {"best": names[0]}
+        if choice["best"] in fastest:
+            return fastest[choice["best"]]
+        return _eigh(choice["best"], gram)
+
+
+def _time_min(fn, reps: int = 3) -> float:
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _race_gemm() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    n = 768
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        a = torch.randn(n, n, generator=gen, dtype=dtype)
+        b = torch.randn(n, n, generator=gen, dtype=dtype)
+        an, bn = a.numpy(), b.numpy()
+        times = {
+            "torch": _time_min(lambda: torch.mm(a.T, b)),
+            "numpy": _time_min(lambda: np.matmul(an.T, bn)),
+        }
+        results[str(dtype).replace("torch.", "")] = {"best": min(times, key=times.get), "seconds": times}
+    a = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    times = {"torch-gemm": _time_min(lambda: torch.mm(a, a.T))}
+    if _scipy_linalg() is not None:
+        from scipy.linalg.blas import dsyrk
+
+        an = a.numpy()
+        out = np.zeros((n, n), order="F")
+        times["blas-syrk"] = _time_min(
+            lambda: dsyrk(1.0, an.T, beta=0.0, c=out, trans=1, lower=0, overwrite_c=1)
+        )
+    results["gram"] = {"best": min(times, key=times.get), "seconds": times}
+    return results
+
+
+def gemm_choice(dtype: torch.dtype) -> str:
+    """'torch' or 'numpy': the faster CPU GEMM library for this dtype."""
+    forced = os.environ.get("MERGEKIT_DRM_GEMM")
+    if forced:
+        if forced not in GEMM_LIBRARIES:
+            raise ValueError(f"MERGEKIT_DRM_GEMM must be torch or numpy; got {forced!r}")
+        return forced
+    if not calibration_enabled() or dtype not in (torch.float32, torch.float64):
+        return "torch"
+    return cached("gemm", _race_gemm)[str(dtype).replace("torch.", "")]["best"]
+
+
+def gram_choice() -> str:
+    """'torch-gemm' or 'blas-syrk' for float64 D D^T on CPU."""
+    forced = os.environ.get("MERGEKIT_DRM_GEMM")
+    if forced:
+        return "torch-gemm" if forced == "torch" else ("blas-syrk" if _scipy_linalg() else "torch-gemm")
+    if not calibration_enabled():
+        return "torch-gemm"
+    return cached("gemm", _race_gemm)["gram"]["best"]
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a @ b by the faster library for this dtype on this machine (same dtype, exact GEMM)."""
+    if (
+        a.device.type != "cpu"
+        or a.dtype != b.dtype
+        or a.requires_grad
+        or b.requires_grad
+        or gemm_choice(a.dtype) == "torch"
+    ):
+        return torch.mm(a, b, out=out)
+    if out is None:
+        return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))
+    if out.is_contiguous():
+        np.matmul(a.numpy(), b.numpy(), out=out.numpy())
+    else:
+        out.copy_(torch.from_numpy(np.matmul(a.numpy(), b.numpy())))
+    return out
+
+
+def add_gram(gram: torch.Tensor, delta: torch.Tensor) -> None:
+    """gram += delta @ delta^T in float64 (upper triangle at least; ``gram`` from ``new_gram``)."""
+    if gram.device.type == "cpu" and gram_choice() == "blas-syrk" and gram.stride(0) == 1:
+        from scipy.linalg.blas import dsyrk
+
+        d = delta.to(torch.float64).numpy()
+        c = gram.T.numpy().T  # the Fortran-order view BLAS updates in place
+        if d.flags.f_contiguous:
+            dsyrk(1.0, d, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1)
+        else:
+            # d (p, q) C-order is the Fortran array d^T (q, p): trans=1 gives d d^T.
+            d = np.ascontiguousarray(d)
+            dsyrk(1.0, d.T, beta=1.0, c=c, trans=1, lower=0, overwrite_c=1)
+        return
+    d = delta.to(torch.float64)
+    gram.addmm_(d, d.T)
+
+
+def new_gram(size: int, device) -> torch.Tensor:
+    """A zero float64 matrix in the layout ``add_gram`` updates in place (column-major on CPU)."""
+    if torch.device(device).type == "cpu":
+        return torch.zeros((size, size), dtype=torch.float64).T
+    return torch.zeros((size, size), dtype=torch.float64, device=device)
+
+
+def _measure_route_constants() -> dict:
+    """Seconds per flop unit of eigh, SVD and GEMM on small matrices (ratios matter)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 384
+    sym = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    sym = sym + sym.T
+    tall = torch.randn(3 * n // 2, n, generator=gen)
+    a, b = 3 * n // 2, n
+    eigh_s = min(_time_min(lambda: _eigh(name, sym.clone()), 2) for name in _available_eigh())
+    svd32 = _time_min(lambda: torch.linalg.svd(tall, full_matrices=False), 2)
+    tall64 = tall.double()
+    svd64 = _time_min(lambda: torch.linalg.svd(tall64, full_matrices=False), 2)
+    sq = torch.randn(2 * n, 2 * n, generator=gen)
+    gemm32 = _time_min(lambda: matmul(sq, sq))
+    sq64 = sq.double()
+    gemm64 = _time_min(lambda: matmul(sq64, sq64))
+    svd_units = a * b * b + b ** 3
+    gemm_units = 2 * (2 * n) ** 3
+    return {
+        "eigh64": eigh_s / n ** 3,
+        "svd32": svd32 / svd_units,
+        "svd64": svd64 / svd_units,
+        "gemm32": gemm32 / gemm_units,
+        "gemm64": gemm64 / gemm_units,
+    }
+
+
+# Fallback when calibration is off: torch 2.13 on 2 cores (an older machine).
+DEFAULT_ROUTE_CONSTANTS = {
+    "eigh64": 1.08e-10, "svd32": 7.7e-11, "svd64": 1.7e-10, "gemm32": 1e-11, "gemm64": 2.2e-11,
+}
+
+
+def route_constants() -> dict:
+    if not calibration_enabled():
+        return DEFAULT_ROUTE_CONSTANTS
+    return cached("route_constants", _measure_route_constants)
