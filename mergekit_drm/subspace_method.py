@@ -37,6 +37,7 @@ from mergekit.merge_methods.base import (
 )
 from mergekit_drm.architectures import matrix_layout
 from mergekit_drm.checks import check_finite, check_parameter_names, planned_configuration
+from mergekit_drm.drm.kernel import resolve_compute_dtype
 from mergekit_drm.preflight import (
     check_present,
     check_same_shapes,
@@ -46,7 +47,7 @@ from mergekit_drm.preflight import (
 )
 
 SVD_MODES = ("auto", "full", "gram")
-COMPUTE_DTYPES = ("float32", "float64")
+COMPUTE_DTYPES = ("auto", "float32", "float64")
 
 
 def choice(method: str, name: str, options: Sequence[str]):
@@ -94,7 +95,8 @@ def common_parameters(method: str) -> List[ParameterSpec]:
         ParameterSpec("svd", choice(method, "svd", SVD_MODES), ParameterScope.SHARED, default="auto"),
         ParameterSpec(
             "compute_dtype", choice(method, "compute_dtype", COMPUTE_DTYPES),
-            ParameterScope.SHARED, default="float32",
+            ParameterScope.SHARED, default="auto",
+            description="auto = the inputs' precision, at least float32 (as drm)",
         ),
     ]
 
@@ -144,7 +146,13 @@ class SubspaceMerge(GroupMergeMethod):
         )
         for entry in entries:
             check_finite(entry.tensor, method=self.spec.name, tensor_name=name, model=entry.id)
-        compute_dtype = getattr(torch, params["compute_dtype"])
+        input_dtype = base.dtype
+        for entry in entries:
+            input_dtype = torch.promote_types(input_dtype, entry.tensor.dtype)
+        asked = params["compute_dtype"]
+        compute_dtype = resolve_compute_dtype(
+            None if asked == "auto" else getattr(torch, asked), input_dtype
+        )
         weights = [params["weight"][entry.id] for entry in entries]
         base_c = base.to(compute_dtype)
         deltas = [entry.tensor.to(compute_dtype) - base_c for entry in entries]
