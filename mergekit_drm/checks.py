@@ -42,7 +42,7 @@ def check_finite(
     fix: Optional[str] = None,
 ) -> None:
     """Raise ``NonFiniteError`` naming tensor and model if ``tensor`` is not all finite."""
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+    if not tensor.is_floating_point() or _all_finite(tensor):
         return
     nan = int(torch.isnan(tensor).sum())
     inf = int(torch.isinf(tensor).sum())
@@ -55,6 +55,12 @@ def check_finite(
         + (fix or "Repair or re-export that checkpoint (a diverged fine-tune?), or remove "
            "the model from `models:`.")
     )
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """One reading pass, no mask: a NaN or inf anywhere makes the sum non-finite;
+    only then (or on an overflowing sum) is every entry tested."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def closest(name: str, known: Iterable[str]) -> Optional[str]:
@@ -158,7 +164,7 @@ def setting_values(config: Any, name: str) -> List[Tuple[str, Any]]:
 
 def check_finite_stack(stack: torch.Tensor, *, method: str, what: str) -> None:
     """Raise naming the position in a stack (N, ...) of plain tensors that is not finite."""
-    if bool(torch.isfinite(stack).all()):
+    if _all_finite(stack):
         return
     for index in range(stack.shape[0]):
         check_finite(
