@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import yaml
 
@@ -16,12 +16,18 @@ import yaml
 MEAN_LIKE = {"ties", "della", "drm", "linear"}
 
 
+def model_reference(model) -> str:
+    """An absolute path, or a ``BASE+ADAPTER`` reference (a LoRA adapter folded
+    into its base by mergekit; each side made absolute)."""
+    return "+".join(str(Path(part).resolve()) for part in str(model).split("+"))
+
+
 def merge_config(method: str, base: Path, models: Sequence[Path], params: Dict) -> Dict:
     """The mergekit config dict for one merge. ``params`` holds the global
     parameters (``lambda``, ``density``, drm switches ...); ``weight: 1`` is
     given per model for every method."""
     params = dict(params)
-    models_cfg = [{"model": str(Path(m).resolve()), "parameters": {"weight": 1.0}} for m in models]
+    models_cfg = [{"model": model_reference(m), "parameters": {"weight": 1.0}} for m in models]
     cfg: Dict = {"merge_method": method}
     if method == "linear":
         cfg["models"] = models_cfg
@@ -42,9 +48,10 @@ def write_yaml(cfg: Dict, path: Path) -> Path:
     return path
 
 
-def run_yaml(config_path: Path, out_dir: Path, random_seed: int = 0) -> Path:
+def run_yaml(config_path: Path, out_dir: Path, random_seed: int = 0,
+             lora_merge_cache: Optional[Path] = None) -> Path:
     """``mergekit-yaml <config> <out> --random-seed <s> --no-copy-tokenizer
-    --no-write-model-card`` in-process."""
+    --no-write-model-card [--lora-merge-cache <dir>]`` in-process."""
     import mergekit_drm
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
@@ -69,6 +76,8 @@ def run_yaml(config_path: Path, out_dir: Path, random_seed: int = 0) -> Path:
             write_model_card=False,
             lazy_unpickle=False,
             quiet=True,
+            lora_merge_cache=str(lora_merge_cache) if lora_merge_cache else None,
+            lora_merge_dtype="float32" if lora_merge_cache else None,
         ),
         config_source=text,
     )

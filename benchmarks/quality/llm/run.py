@@ -1,6 +1,7 @@
 """SmolLM2-135M merge-quality benchmark (see README.md next to this file).
 
     python -m benchmarks.quality.llm.run --stage finetunes   # fine-tunes + cross-task matrix
+    python -m benchmarks.quality.llm.run --stage all         # + merges, report (benchmarks/results/llm.md)
     python -m benchmarks.quality.llm.run --quick             # smoke run: 2 tasks, 1 seed, tiny budgets
 
 Every step is cached under ``--cache`` (default ``benchmarks/quality/llm/cache``):
@@ -10,13 +11,18 @@ rerunning resumes where an interrupted run stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import time
 from pathlib import Path
+from typing import Dict, Optional, Sequence
 
 import torch
 
+from . import report
 from .bench import QUICK_TASKS, TASKS, Bench
+from .merges import QUICK_METHODS, MergeStage
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE = HERE / "cache"
@@ -29,13 +35,17 @@ QUICK = dict(train=64, val=8, test=16,
              full_steps=2, full_batch=4, full_lr=5e-5)
 LORA_SEEDS = (0, 1, 2)
 FULL_SEEDS = (0,)
+# Tuned-table order: the headline comparisons first, so a run cut short
+# still answers "drm vs the best built-in vs TSV-M vs Iso-C".
+TUNE_ORDER = ("drm-V", "drm-H", "ties", "tsv_m", "iso_c", "task_arithmetic", "dare_ties",
+              "della", "breadcrumbs", "iso_cts", "linear")
 
 
 def run_finetunes(bench: Bench, lora_seeds=LORA_SEEDS, full_seeds=FULL_SEEDS) -> None:
     """LoRA seed 0, then full seed 0, then the other LoRA seeds: the order in
     which later stages need them. Each fine-tune is scored on every task."""
     bench.base_scores()
-    plan = [("lora", lora_seeds[0])] + [("full", s) for s in full_seeds] + \
+    plan = [("lora", s) for s in lora_seeds[:1]] + [("full", s) for s in full_seeds] + \
            [("lora", s) for s in lora_seeds[1:]]
     for kind, seed in plan:
         for task in bench.task_names:
@@ -43,10 +53,58 @@ def run_finetunes(bench: Bench, lora_seeds=LORA_SEEDS, full_seeds=FULL_SEEDS) ->
             bench.log(f"{kind} {task} s{seed}: own-task test {scores['test'][task]:.3f}")
 
 
+def results_path(bench: Bench, kind: str, seed: int) -> Path:
+    return bench.cache / "results" / f"{kind}-s{seed}.json"
+
+
+def run_merges(bench: Bench, kind: str, seed: int, labels: Sequence[str], *,
+               chosen_from: Optional[int] = None, grid_points: Optional[int] = None,
+               tune: Optional[Sequence[str]] = None, route_check: bool = True,
+               on_update=lambda: None) -> Dict:
+    """Defaults table, then the tuned table, of one fine-tune setting; the
+    summary (``cache/results/<kind>-s<seed>.json``) is rewritten after every
+    method so the report can be regenerated while the run goes on.
+    ``chosen_from``: reuse that seed's validation choices (no grid);
+    ``tune``: the methods of the tuned table (default: all of ``labels``)."""
+    stage = MergeStage(bench, kind, seed)
+    if grid_points is not None:
+        stage.methods = {k: dataclasses.replace(m, grid=m.grid[:grid_points])
+                         for k, m in stage.methods.items()}
+    path = results_path(bench, kind, seed)
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary.update({"kind": kind, "seed": seed, "tasks": bench.task_names, "own": stage.own_scores(),
+                    "chosen_from": chosen_from})
+    summary.setdefault("defaults", {})
+    summary.setdefault("tuned", {})
+
+    def save():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=1, sort_keys=True))
+        on_update()
+
+    for label in labels:
+        summary["defaults"].update(stage.defaults([label], route_check=route_check and kind == "lora"))
+        save()
+    chosen = None
+    if chosen_from is not None:
+        source = json.loads(results_path(bench, kind, chosen_from).read_text())["tuned"]
+        chosen = {label: source[label]["params"] for label in labels if label in source}
+    for label in labels if tune is None else tune:
+        if chosen is not None and label not in chosen:
+            continue
+        summary["tuned"].update(stage.tuned([label], chosen))
+        save()
+    return summary
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--stage", default="finetunes", choices=["finetunes"])
+    ap.add_argument("--stage", default="finetunes", choices=["finetunes", "all"],
+                    help="finetunes: fine-tunes and their cross-task scores only; all: "
+                         "fine-tunes, merges and report, interleaved in priority order")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="report folder (default: benchmarks/results; quick: <cache>/report)")
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("LLM_BENCH_THREADS", "2")))
     args = ap.parse_args(argv)
@@ -58,10 +116,29 @@ def main(argv=None) -> None:
 
     if args.quick:
         bench = Bench(args.cache or DEFAULT_CACHE / "quick", QUICK, QUICK_TASKS, log=log)
-        run_finetunes(bench, (0,), (0,))
-    else:
+        out = args.out or bench.cache / "report"
+        update = lambda: report.write(bench.cache, out, quick=True)
+        run_finetunes(bench, (0,), ())
+        run_merges(bench, "lora", 0, QUICK_METHODS, grid_points=2, tune=QUICK_METHODS[-1:],
+                   on_update=update)
+    elif args.stage == "finetunes":
         bench = Bench(args.cache or DEFAULT_CACHE, FULL, TASKS, log=log)
         run_finetunes(bench)
+    else:
+        bench = Bench(args.cache or DEFAULT_CACHE, FULL, TASKS, log=log)
+        out = args.out or report.RESULTS_DIR
+        update = lambda: report.write(bench.cache, out)
+        run_finetunes(bench, LORA_SEEDS[:1], ())
+        run_merges(bench, "lora", 0, TUNE_ORDER, on_update=update)
+        run_finetunes(bench, (), FULL_SEEDS)
+        for seed in FULL_SEEDS:
+            run_merges(bench, "full", seed, TUNE_ORDER, chosen_from=None if seed == FULL_SEEDS[0]
+                       else FULL_SEEDS[0], on_update=update)
+        for seed in LORA_SEEDS[1:]:
+            run_finetunes(bench, (seed,), ())
+            run_merges(bench, "lora", seed, TUNE_ORDER, chosen_from=LORA_SEEDS[0],
+                       route_check=False, on_update=update)
+    log("done")
 
 
 if __name__ == "__main__":

