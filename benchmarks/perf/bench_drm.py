@@ -5,10 +5,18 @@ route (``full`` SVD vs the default ``auto`` Gram route) on LLM-shaped
 matrices, and reports agreement: float64 routes against each other, and the
 float32 routes against the float64 result next to each other.
 
-Part 2 generates a Llama checkpoint and dense fine-tunes and runs
+Part 2 breaks one Llama layer's DRM merge (the whole-merge model's shapes)
+into stages (Gram, eigh, basis, projection, SVD, merge) with the libraries
+chosen on this machine, against the same with calibration off (torch/MKL for
+everything, fixed cost constants: the behaviour before per-machine choice).
+
+Part 3 generates a Llama checkpoint and dense fine-tunes and runs
 ``mergekit-yaml`` (as a user would) for drm (vertical, horizontal), ties and
 task_arithmetic, reporting median wall time and peak RSS over repeated runs,
-side by side in one run.
+side by side in one run (optionally drm with calibration off too).
+
+Every table is preceded by the machine: CPU model, cores, torch's and numpy's
+BLAS/LAPACK, thread counts, and the libraries the calibration chose.
 
     python -m benchmarks.perf.bench_drm            # full: ~30-60 min on 2 cores
     python -m benchmarks.perf.bench_drm --quick    # CI-sized smoke run
@@ -30,6 +38,7 @@ import time
 
 import torch
 
+from mergekit_drm import linalg_backends
 from mergekit_drm.drm.kernel import drm_merge_matrix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -140,6 +149,55 @@ def memory_table(shapes, counts, lines):
                     print(row, flush=True)
 
 
+def layer_shapes(hidden: int, intermediate: int, kv: int) -> dict:
+    """(out, in) of one Llama layer's projections."""
+    return {
+        "q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden),
+        "o_proj": (hidden, hidden), "gate_proj": (intermediate, hidden),
+        "up_proj": (intermediate, hidden), "down_proj": (hidden, intermediate),
+    }
+
+
+STAGES = ("gram", "eigh", "basis", "project", "svd", "merge")
+
+
+def _layer_stages(layer, n_models: int, direction: str) -> dict:
+    totals = {"total": 0.0}
+    for name, (rows, cols) in layer.items():
+        deltas = finetune_like(n_models, rows, cols, seed=rows + cols + n_models)
+        start = time.perf_counter()
+        with linalg_backends.record_stages() as stages:
+            drm_merge_matrix(deltas, direction=direction, density=0.2)
+        totals["total"] += time.perf_counter() - start
+        for key, value in stages.items():
+            totals[key] = totals.get(key, 0.0) + value
+    return totals
+
+
+def breakdown_table(layer, n_models: int, lines):
+    """Seconds per layer by stage: calibrated libraries vs calibration off (= before)."""
+    lines.append("| direction | libraries | " + " | ".join(STAGES) + " | other | total s |")
+    lines.append("|---|---|" + "---|" * (len(STAGES) + 2))
+    for direction in ("vertical", "horizontal"):
+        start = time.perf_counter()
+        _layer_stages(layer, n_models, direction)  # warm-up; runs the one-off races if uncached
+        warm = time.perf_counter() - start
+        for label, env in (("calibration off (torch/MKL)", "off"), ("calibrated", "on")):
+            os.environ["MERGEKIT_DRM_CALIBRATION"] = env
+            try:
+                stages = _layer_stages(layer, n_models, direction)
+            finally:
+                os.environ.pop("MERGEKIT_DRM_CALIBRATION", None)
+            other = stages["total"] - sum(stages.get(k, 0.0) for k in STAGES)
+            row = (f"| {direction} | {label} | "
+                   + " | ".join(f"{stages.get(k, 0.0):.2f}" for k in STAGES)
+                   + f" | {other:.2f} | {stages['total']:.2f} |")
+            lines.append(row)
+            print(row, flush=True)
+        lines.append(f"| {direction} | first pass (incl. any one-off calibration) | "
+                     + " | " * len(STAGES) + f" | {warm:.2f} |")
+
+
 def build_llama(root: str, hidden: int, intermediate: int, layers: int, vocab: int, n_ft: int):
     import transformers
     from safetensors.torch import load_file, save_file
@@ -176,9 +234,14 @@ METHODS = {
     "ties": ("ties", {}, {"density": 0.2, "weight": 1.0}),
     "task_arithmetic": ("task_arithmetic", {}, {"weight": 1.0}),
 }
+# The same drm merges with calibration off (torch/MKL everywhere): the before.
+BASELINES = {
+    "drm (vertical), calibration off": "drm (vertical)",
+    "drm (horizontal), calibration off": "drm (horizontal)",
+}
 
 
-def run_merge_measured(config_path: str, out: str):
+def run_merge_measured(config_path: str, out: str, env=None):
     """Wall time and peak RSS (KiB) of one `mergekit-yaml` process."""
     exe = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
     shutil.rmtree(out, ignore_errors=True)
@@ -186,7 +249,7 @@ def run_merge_measured(config_path: str, out: str):
     proc = subprocess.run(
         ["/usr/bin/time", "-f", "%M", exe, config_path, out, "--no-copy-tokenizer",
          "--no-write-model-card", *MERGE_FLAGS],
-        capture_output=True, text=True,
+        capture_output=True, text=True, env=env,
     )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
@@ -196,7 +259,7 @@ def run_merge_measured(config_path: str, out: str):
     return wall, peak_kib
 
 
-def merge_table(paths, runs: int, lines, workdir: str):
+def merge_table(paths, runs: int, lines, workdir: str, baseline_runs: int = 0):
     import yaml
 
     base, *fts = paths
@@ -214,10 +277,17 @@ def merge_table(paths, runs: int, lines, workdir: str):
         with open(path, "w") as handle:
             yaml.safe_dump(config, handle)
         results[label] = (path, [])
+    off = dict(os.environ, MERGEKIT_DRM_CALIBRATION="off")
+    for label, of in BASELINES.items():
+        if baseline_runs:
+            results[label] = (results[of][0], [])
     # Interleave methods so machine load affects all of them alike.
     for run in range(runs):
         for label, (path, samples) in results.items():
-            samples.append(run_merge_measured(path, os.path.join(workdir, "out")))
+            if label in BASELINES and run >= baseline_runs:
+                continue
+            env = off if label in BASELINES else None
+            samples.append(run_merge_measured(path, os.path.join(workdir, "out"), env))
             print(f"run {run + 1}/{runs} {label}: {samples[-1][0]:.1f} s, "
                   f"{samples[-1][1] / 1024:.0f} MiB", flush=True)
     ties_wall = statistics.median(w for w, _ in results["ties"][1])
@@ -234,16 +304,65 @@ def merge_table(paths, runs: int, lines, workdir: str):
         )
 
 
+def torch_lapack() -> str:
+    """torch's BLAS/LAPACK from ``torch.__config__.show()`` (e.g. MKL 2024.2)."""
+    import re
+
+    config = torch.__config__.show()
+    info = dict(re.findall(r"\b(BLAS_INFO|LAPACK_INFO)=([^,\s]+)", config))
+    mkl = [line.strip(" -") for line in config.splitlines() if "Math Kernel Library" in line]
+    version = mkl[0].split("Version")[-1].split("-")[0].strip() if mkl else ""
+    capability = [line.split(":")[-1].strip() for line in config.splitlines() if "CPU capability" in line]
+    return (f"BLAS {info.get('BLAS_INFO', '?')} / LAPACK {info.get('LAPACK_INFO', '?')} {version}"
+            f"{', kernels ' + capability[0] if capability else ''}")
+
+
+def thread_pools() -> str:
+    try:
+        import threadpoolctl
+
+        import scipy.linalg  # noqa: F401  (load scipy's BLAS so it is listed)
+
+        pools = [f"{p['internal_api']} {p.get('version') or ''} {p.get('architecture') or ''}"
+                 f" {p['num_threads']} threads".replace("  ", " ")
+                 for p in threadpoolctl.threadpool_info()]
+        return "; ".join(pools)
+    except ImportError:
+        return "threadpoolctl not installed"
+
+
+def calibration_summary() -> str:
+    path = linalg_backends.cache_path()
+    if not linalg_backends.calibration_enabled():
+        return "calibration off"
+    results = linalg_backends._read(path)
+    eigh = {key: value["best"] for key, value in results.items() if key.startswith("eigh:")}
+    eigh_txt = ", ".join(f"n~{round(2 ** float(k.split(':')[1]))}: {v}" for k, v in sorted(eigh.items()))
+    gemm = results.get("gemm", {})
+    gemm_txt = ", ".join(f"{k} {v['best']}" for k, v in gemm.items())
+    return f"eigh {eigh_txt or '(not yet raced)'}; GEMM {gemm_txt or '(not yet raced)'} ({path})"
+
+
 def machine() -> str:
     import mergekit
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM; "
+        f"{linalg_backends.cpu_model()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, load average {load}; "
         f"Python {platform.python_version()}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), mergekit {getattr(mergekit, '__version__', '0.1.5')}; "
-        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}"
+        f"({torch.get_num_threads()} threads, {torch_lapack()}), numpy {np_version()} "
+        f"({linalg_backends.numpy_blas()}); thread pools: {thread_pools()}; "
+        f"mergekit {getattr(mergekit, '__version__', '0.1.5')}; "
+        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}; "
+        f"chosen libraries: {calibration_summary()}"
     )
+
+
+def np_version() -> str:
+    import numpy
+
+    return numpy.__version__
 
 
 def main(argv=None) -> int:
@@ -252,6 +371,11 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-kernel", action="store_true")
     parser.add_argument("--skip-merge", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-breakdown", action="store_true")
+    parser.add_argument("--vocab", type=int, default=4096,
+                        help="whole-merge vocabulary (4096: the issue-15 comparison; 32000: Llama's)")
+    parser.add_argument("--baseline-runs", type=int, default=None,
+                        help="whole-merge runs of drm with calibration off (default 1; quick 0)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--reps", type=int, default=None, help="kernel timing repetitions")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 = reproducible on a loaded machine)")
@@ -267,7 +391,7 @@ def main(argv=None) -> int:
     if args.device != "cpu":
         torch.set_default_device(args.device)
     started = time.time()
-    lines = ["# DRM performance", "", f"Machine: {machine()}", ""]
+    lines = ["# DRM performance", ""]
     if args.quick:
         shapes, counts, reps, runs = [(256, 256), (896, 256), (256, 896)], [2, 3], 1, 1
         model = dict(hidden=256, intermediate=704, layers=2, vocab=1000, n_ft=3)
@@ -276,25 +400,36 @@ def main(argv=None) -> int:
         # same aspect ratios: the full N=5 stacks do not fit this machine's
         # time budget (a 71680x4096 SVD alone takes many minutes on 2 cores).
         shapes, counts, reps, runs = [(1024, 1024), (3584, 1024), (1024, 3584)], [2, 3, 5], 3, args.runs
-        model = dict(hidden=1024, intermediate=2816, layers=8, vocab=32000, n_ft=3)
+        model = dict(hidden=1024, intermediate=2816, layers=8, vocab=args.vocab, n_ft=3)
     if args.full_width and not args.quick:
         shapes = [(4096, 4096), (14336, 4096), (4096, 14336)]
     if args.reps:
         reps = args.reps
     if not args.skip_kernel:
         lines += ["## Kernel, one matrix, density 0.2, rank_tol 0.01 (median of "
-                  f"{reps}; relative Frobenius differences of the merged delta)", ""]
+                  f"{reps}; relative Frobenius differences of the merged delta)", "",
+                  f"Machine: {machine()}", ""]
         kernel_table(shapes, counts, reps, lines)
         lines.append("")
     if not args.skip_memory:
         lines += ["## Memory of one tensor's merge (float32 inputs; extra peak RSS of the "
-                  "merge call beyond the inputs already in memory, via the mergekit method)", ""]
+                  "merge call beyond the inputs already in memory, via the mergekit method)", "",
+                  f"Machine: {machine()}", ""]
         memory_table(shapes[1:], counts[-1:], lines)
         lines.append("")
+    if not args.skip_breakdown:
+        layer = layer_shapes(model["hidden"], model["intermediate"], model["hidden"] // 2)
+        heading = ("## One layer's DRM merge by stage (s): the whole-merge model's 7 projections, "
+                   f"{model['n_ft']} fine-tunes, float32, density 0.2")
+        lines += [heading, ""]
+        table = []
+        breakdown_table(layer, model["n_ft"], table)
+        lines += [f"Machine: {machine()}", ""] + table + [""]
     if not args.skip_merge:
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
             print("building the benchmark model ...", flush=True)
             paths = build_llama(tmp, **model)
+            baseline_runs = args.baseline_runs if args.baseline_runs is not None else (0 if args.quick else 1)
             lines += [
                 f"## Whole merge with mergekit-yaml: Llama, hidden {model['hidden']}, "
                 f"intermediate {model['intermediate']}, {model['layers']} layers, vocab "
@@ -302,8 +437,9 @@ def main(argv=None) -> int:
                 f"({runs} runs each, interleaved; peak RSS from /usr/bin/time)",
                 "",
             ]
-            merge_table(paths, runs, lines, tmp)
-            lines.append("")
+            table = []
+            merge_table(paths, runs, table, tmp, baseline_runs)
+            lines += [f"Machine (at the end of the runs): {machine()}", ""] + table + [""]
     lines.append(f"Total benchmark time: {time.time() - started:.0f} s.")
     text = "\n".join(lines) + "\n"
     print(text)
