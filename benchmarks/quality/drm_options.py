@@ -61,6 +61,10 @@ ROWS: Dict[str, tuple] = {
     # (d) data-free scale
     "drm-V norm_target mean": ("drm", {**DRM_V, "norm_target": "mean"}, NORM_LAMBDAS),
     "drm-V norm_target sum": ("drm", {**DRM_V, "norm_target": "sum"}, NORM_LAMBDAS),
+    # (a)+(d): the flat spectrum wants a sum-like scale (seed 0: drm-V isotropic chose
+    # lambda 2.67, beyond its grid), so set it from the task-arithmetic sum's norm
+    "drm-V isotropic norm_target sum": (
+        "drm", {**DRM_V, "isotropic": True, "norm_target": "sum"}, NORM_LAMBDAS),
 }
 
 

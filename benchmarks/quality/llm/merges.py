@@ -85,6 +85,14 @@ def methods(n_models: int) -> Dict[str, Method]:
         Method("drm-H", "drm", {"direction": "horizontal", "density": 0.2, "lambda": 1.0},
                _grid([1.0, 1.5], [0.2, 0.5], direction="horizontal"),
                "README defaults, horizontal"),
+        # drm's opt-in options (benchmarks/results/drm_options.md): the merged spectrum made
+        # isotropic, scaled to the task-arithmetic sum's norm; MiniLM seed 0 chose lambda ~2
+        Method("drm-V-iso", "drm",
+               {"direction": "vertical", "density": 0.2, "isotropic": True, "norm_target": "sum",
+                "lambda": 1.0},
+               _grid([1.0, 1.5, 2.0, 3.0], direction="vertical", density=0.2, isotropic=True,
+                     norm_target="sum"),
+               "drm options: isotropic + norm_target sum, lambda 1 (the sum's Frobenius norm)"),
     ]
     return {m.label: m for m in table}
 

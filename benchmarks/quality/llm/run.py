@@ -37,7 +37,7 @@ LORA_SEEDS = (0, 1, 2)
 FULL_SEEDS = (0,)
 # Tuned-table order: the headline comparisons first, so a run cut short
 # still answers "drm vs the best built-in vs TSV-M vs Iso-C".
-TUNE_ORDER = ("drm-V", "drm-H", "ties", "tsv_m", "iso_c", "task_arithmetic", "dare_ties",
+TUNE_ORDER = ("drm-V", "drm-H", "ties", "tsv_m", "iso_c", "drm-V-iso", "task_arithmetic", "dare_ties",
               "della", "breadcrumbs", "iso_cts", "linear")
 
 
