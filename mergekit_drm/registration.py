@@ -23,7 +23,8 @@ METHOD_NAMES = tuple(METHODS)
 _lock = _thread.allocate_lock()
 
 
-def _load(target: str):
+def load_method(target: str):
+    """The object a METHODS target (\"module:attribute\") names."""
     import importlib
 
     module, attribute = target.split(":")
@@ -34,7 +35,7 @@ def register() -> None:
     """Register every method of this package that is not registered yet."""
     from mergekit import merge_methods
 
-    methods = [_load(target) for target in METHODS.values()]
+    methods = [load_method(target) for target in METHODS.values()]
     with _lock:
         present = {method.spec.name for method in merge_methods.registered_methods()}
         for method in methods:

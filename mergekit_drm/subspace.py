@@ -11,15 +11,22 @@ delta (a LoRA adapter, a sum of a few of them) the SVD's vectors for zero
 singular values are arbitrary, and both methods would otherwise give them
 full weight (TSV-M in its orthogonalisation, Iso-C by lifting them to the
 mean singular value).
+
+A matrix may also be given as ``LowRank`` factors (a LoRA adapter's delta, a
+sum of them): its SVD then comes from the factors (QRs and a small core SVD),
+cut by the same rule, and the n x m product is never formed. The methods'
+kernels call ``top_triplets``, ``frobenius`` and ``outside_left`` so one code
+path serves dense and factored task vectors.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 import torch
 
-from mergekit_drm.decompose import SvdMode, low_rank_factors
+from mergekit_drm.decompose import SvdMode, low_rank_factors, rank_floor
 
 Triplets = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U (p, r), s (r,), Vh (r, q)
 
@@ -33,6 +40,67 @@ def truncated_svd(matrix: torch.Tensor, k: Optional[int] = None, *, svd: SvdMode
     if k is not None:
         basis, sigma, coords = basis[:, :k], sigma[:k], coords[:, :k]
     return basis, sigma, coords[0]
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """The p x q matrix ``left @ right`` (p x c, c x q), kept as its factors."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return self.left.shape[0], self.right.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.left.dtype
+
+
+Matrix = Union[torch.Tensor, LowRank]
+
+
+def factored_svd(matrix: LowRank, k: Optional[int] = None) -> Triplets:
+    """``truncated_svd`` of ``left @ right`` from the factors.
+
+    QRs of left and right^T and an SVD of the c x c core, in float64 (tiny,
+    and float32 basis noise would move the polar factors downstream), cast
+    back to the factors' dtype. Same cut as the dense route: sigma above
+    ``rank_floor`` of the *dense* shape and dtype, relative to sigma_max.
+    """
+    dtype, (p, q) = matrix.dtype, matrix.shape
+    q_left, r_left = torch.linalg.qr(matrix.left.to(torch.float64))
+    q_right, r_right = torch.linalg.qr(matrix.right.to(torch.float64).T)
+    u, s, vh = torch.linalg.svd(r_left @ r_right.T)
+    keep = 0
+    if s.numel() and bool(s[0] > 0):
+        keep = int((s > rank_floor((p, q), dtype) * s[0]).sum())
+    if k is not None:
+        keep = min(keep, k)
+    return (q_left @ u[:, :keep]).to(dtype), s[:keep].to(dtype), (vh[:keep] @ q_right.T).to(dtype)
+
+
+def top_triplets(matrix: Matrix, k: Optional[int] = None, *, svd: SvdMode = "auto") -> Triplets:
+    """Top-``k`` singular triplets of a dense or ``LowRank`` matrix."""
+    if isinstance(matrix, LowRank):
+        return factored_svd(matrix, k)
+    return truncated_svd(matrix, k, svd=svd)
+
+
+def frobenius(matrix: Matrix) -> torch.Tensor:
+    """||matrix||_F; for factors, sqrt(trace((L^T L)(R R^T))) without the product."""
+    if isinstance(matrix, LowRank):
+        gram = (matrix.left.T @ matrix.left) * (matrix.right @ matrix.right.T)
+        return gram.sum().clamp_min(0).sqrt()
+    return torch.linalg.matrix_norm(matrix)
+
+
+def outside_left(matrix: Matrix, basis: torch.Tensor) -> Matrix:
+    """(I - basis basis^T) matrix: the part outside ``basis``' column space."""
+    if isinstance(matrix, LowRank):
+        return LowRank(matrix.left - basis @ (basis.T @ matrix.left), matrix.right)
+    return matrix - basis @ (basis.T @ matrix)
 
 
 # Relative singular value of a concatenation below which its direction counts

@@ -27,6 +27,7 @@ KERNELS = {
     "mergekit_drm.decompose": TORCH,
     "mergekit_drm.drm.kernel": TORCH,
     "mergekit_drm.lora.lowrank": TORCH,
+    "mergekit_drm.lora.lowrank_subspace": TORCH,
     "mergekit_drm.subspace": TORCH,
     "mergekit_drm.tsv_m.kernel": TORCH,
     "mergekit_drm.iso.kernel": TORCH,

@@ -528,7 +528,7 @@ def _full_model_copy(tmp_path, base):
     [
         (lambda c: c["parameters"].update(density=1.5), "density"),
         (lambda c: c["parameters"].update(direction="diagonal"), "direction"),
-        (lambda c: c.update(merge_method="ties"), "`merge_method: drm` only"),
+        (lambda c: c.update(merge_method="ties"), "drm, tsv_m, iso_c, iso_cts only"),
         (lambda c: c.pop("base_model"), "base_model"),
         (lambda c: c["parameters"].update(decompose=False), "decompose"),
         (lambda c: c["models"][0]["parameters"].update(density=0.9), "one value"),
@@ -550,3 +550,56 @@ def test_adapter_on_another_model_is_refused(tmp_path, llama32):
     config["models"][0]["model"] = f"{other}+{paths['a1']}"
     out, result = run_cli(tmp_path, config, expect_ok=False)
     assert "not to base_model" in result.output and not out.exists()
+
+
+# ---------------------------------------------------------------------------
+# tsv_m, iso_c, iso_cts: the CLI adapter equals mergekit's dense merge
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [
+        ("tsv_m", {"lambda": 1.2}),
+        ("tsv_m", {"rank_fraction": 0.05}),
+        ("iso_c", {"lambda": 0.8}),
+        ("iso_cts", {"common_space_fraction": 0.8}),
+        ("iso_cts", {"common_space_fraction": 0.1, "lambda": 1.1}),
+    ],
+)
+def test_subspace_methods_adapter_equals_dense_merge(tmp_path, llama64, method, params):
+    """Route 1 (mergekit, base+adapter, dense SVDs) against the CLI's factored
+    merge; the saved rank stays within the method's bound: TSV-M sum_t min(k, r_t),
+    Iso-C sum_t r_t, Iso-CTS min(k, sum_t r_t) + sum_t min(s, r_t) (common size k,
+    per-task size s; a module's adapters only)."""
+    base, paths = llama64
+    config = yaml_config(base, list(paths.values()), [1.0, 0.6, 1.4, 1.0], dict(params, compute_dtype="float64"), dtype="float64")
+    config["merge_method"] = method
+    route1 = run_route1(tmp_path, config)
+    out, result = run_cli(tmp_path, config)
+    assert f"with {method}" in result.output
+    base_state = load_file(os.path.join(base, "model.safetensors"))
+    full = load_file(os.path.join(route1, "model.safetensors"))
+    applied = applied_state(base, str(out))
+    folded = [peft_deltas(base, a) for a in paths.values()]
+    ranks = {k.split(".lora_")[0][len("base_model.model."):]: v.shape[0]
+             for k, v in load_file(str(out / "adapter_model.safetensors")).items() if k.endswith("lora_A.weight")}
+    moved = 0
+    for name, tensor in full.items():
+        delta = tensor.double() - base_state[name].double()
+        if float(delta.norm()) == 0:
+            assert torch.equal(applied[name], base_state[name]), name
+            continue
+        moved += 1
+        assert rel(applied[name].double() - base_state[name].double(), delta) < 1e-8, name
+        module = name[: -len(".weight")]
+        adapter_ranks = [int(torch.linalg.matrix_rank(f[module])) for f in folded if module in f]
+        k = max(1, int(0.05 * min(tensor.shape))) if "rank_fraction" in params else min(tensor.shape) // 4
+        bound = sum(min(k, r) for r in adapter_ranks) if method == "tsv_m" else sum(adapter_ranks)
+        if method == "iso_cts":
+            r = min(tensor.shape)
+            per_task = min(round((r - int(params["common_space_fraction"] * r)) / 4), r // 4)
+            bound = min(r - 4 * per_task, bound) + sum(min(per_task, a) for a in adapter_ranks)
+        assert int(torch.linalg.matrix_rank(delta)) <= ranks[module] <= bound, module
+    assert moved == 14
+    assert f"[{'TSV-M' if method == 'tsv_m' else method.replace('iso_c', 'Iso-C').replace('Iso-Cts', 'Iso-CTS')}]" in (out / "README.md").read_text()

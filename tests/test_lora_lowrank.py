@@ -256,3 +256,62 @@ def test_float32_result_tracks_float64_at_scale(direction):
     b32, a32 = drm_merge_lowrank(adapters, shape=shape, direction=direction, compute_dtype=torch.float32)
     b64, a64 = drm_merge_lowrank(adapters, shape=shape, direction=direction, compute_dtype=torch.float64)
     assert _rel(b32.double() @ a32.double(), b64 @ a64) < TOL32
+
+
+# ---------------------------------------------------------------------------
+# TSV-M, Iso-C, Iso-CTS on factors against their dense kernels
+# ---------------------------------------------------------------------------
+
+from mergekit_drm.iso.kernel import iso_c_merge_matrix, iso_cts_merge_matrix  # noqa: E402
+from mergekit_drm.lora.lowrank_subspace import (  # noqa: E402
+    iso_c_merge_lowrank,
+    iso_cts_merge_lowrank,
+    tsv_merge_lowrank,
+)
+from mergekit_drm.subspace import LowRank, factored_svd  # noqa: E402
+from mergekit_drm.tsv_m.kernel import tsv_merge_matrix  # noqa: E402
+
+SUBSPACE_CASES = [
+    ("tsv", {}, tsv_merge_lowrank, tsv_merge_matrix),
+    ("tsv", {"rank_fraction": 0.05}, tsv_merge_lowrank, tsv_merge_matrix),
+    ("iso_c", {}, iso_c_merge_lowrank, iso_c_merge_matrix),
+    ("iso_cts", {"common_space_fraction": 0.8}, iso_cts_merge_lowrank, iso_cts_merge_matrix),
+    ("iso_cts", {"common_space_fraction": 0.1}, iso_cts_merge_lowrank, iso_cts_merge_matrix),
+    ("iso_cts", {"common_space_fraction": 0.0}, iso_cts_merge_lowrank, iso_cts_merge_matrix),
+]
+
+
+@pytest.mark.parametrize("case", range(len(SUBSPACE_CASES)))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_subspace_lowrank_equals_dense_kernel(case, dtype):
+    """Same merge as the dense kernel on the folded deltas (a None adapter and a
+    zero weight included), with rank <= sum of the adapters' ranks for TSV-M
+    (k >= r_t here) and Iso-C."""
+    name, params, lowrank, dense = SUBSPACE_CASES[case]
+    shape = (48, 40)
+    adapters = _adapters(shape, [4, 8, None, 3, 2], [2.0, 0.5, 1.0, 1.0, 1.5], seed=case, dtype=dtype)
+    weights = [1.0, 0.7, 1.0, 1.6, 0.0]
+    folded = [d.to(dtype) for d in _folded(adapters, shape)]
+    B, A = lowrank(adapters, weights, shape=shape, compute_dtype=dtype, scale=1.3, **params)
+    ref = 1.3 * dense(folded, weights, compute_dtype=dtype, **params).double()
+    err = float((B.double() @ A.double() - ref).norm() / ref.norm())
+    assert err < (TOL64 if dtype == torch.float64 else TOL32 * 10), err
+    if name != "iso_cts" and "rank_fraction" not in params:
+        assert B.shape[1] <= 4 + 8 + 3 + 2
+
+
+def test_factored_svd_matches_dense_svd():
+    """Triplets of L @ R from the factors: the dense SVD's values, a valid SVD,
+    and the dense rank cut (nothing below max(p, q) * eps * sigma_max)."""
+    gen = torch.Generator().manual_seed(5)
+    left = torch.randn(30, 6, generator=gen, dtype=torch.float64)
+    right = torch.randn(6, 20, generator=gen, dtype=torch.float64)
+    left[:, 5] = left[:, 0]  # rank 5
+    u, s, vh = factored_svd(LowRank(left, right))
+    dense = left @ right
+    assert s.numel() == 5
+    torch.testing.assert_close(s, torch.linalg.svdvals(dense)[:5])
+    torch.testing.assert_close(u * s @ vh, dense)
+    torch.testing.assert_close(u.T @ u, torch.eye(5, dtype=torch.float64))
+    u2, s2, _ = factored_svd(LowRank(left, right), 2)
+    assert s2.numel() == 2 and u2.shape == (30, 2)

@@ -15,8 +15,9 @@ task-arithmetic sum S = sum_t w_t D_t:
 "Every singular value" means those above the numerical-rank floor (see
 ``subspace``): for full-rank S this is the paper's definition; for low-rank S
 (LoRA adapters) the arbitrary null-space directions are left out instead of
-being lifted to the mean. Both return factors (``*_factors``) so a LoRA merge
-stays low rank. Nothing here knows about mergekit; the adapter is ``method.py``.
+being lifted to the mean. Both return factors (``*_factors``), and take the
+summed and per-task deltas dense or as ``subspace.LowRank`` factors, so a LoRA
+merge stays low rank (Iso-C: rank <= sum of the adapters' ranks). Nothing here knows about mergekit; the adapter is ``method.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Sequence, Tuple
 import torch
 
 from mergekit_drm.decompose import SvdMode, rank_floor
-from mergekit_drm.subspace import Triplets, orthogonalized_factors, truncated_svd
+from mergekit_drm.subspace import Matrix, Triplets, frobenius, orthogonalized_factors, outside_left, top_triplets
 
 Factors = Tuple[torch.Tensor, torch.Tensor]
 
@@ -46,17 +47,17 @@ def subspace_sizes(r: int, n_tasks: int, common_space_fraction: float) -> Tuple[
     return r - n_tasks * per_task, per_task
 
 
-def iso_c_factors(total: torch.Tensor, *, svd: SvdMode = "auto") -> Factors:
+def iso_c_factors(total: Matrix, *, svd: SvdMode = "auto") -> Factors:
     """Iso-C of the summed delta ``total`` as factors (mean(s) U, Vh)."""
-    u, s, vh = truncated_svd(total, svd=svd)
+    u, s, vh = top_triplets(total, svd=svd)
     if s.numel() == 0:
-        return total.new_zeros(total.shape[0], 0), total.new_zeros(0, total.shape[1])
+        return u, vh
     return u * s.mean(), vh
 
 
 def iso_cts_factors(
-    total: torch.Tensor,
-    deltas: Sequence[torch.Tensor],
+    total: Matrix,
+    deltas: Sequence[Matrix],
     *,
     common_space_fraction: float = 0.8,
     svd: SvdMode = "auto",
@@ -64,22 +65,21 @@ def iso_cts_factors(
     """Iso-CTS as factors; ``deltas`` are the weighted task vectors summing to ``total``."""
     n, m = total.shape
     k, per_task = subspace_sizes(min(n, m), len(deltas), common_space_fraction)
-    common_u, common_s, common_vh = truncated_svd(total, k, svd=svd)
+    common_u, common_s, common_vh = top_triplets(total, k, svd=svd)
     parts: list[Triplets] = [(common_u, common_s, common_vh)]
     if per_task > 0:
         floor = rank_floor((n, m), total.dtype)
         for delta in deltas:
-            residual = delta - common_u @ (common_u.T @ delta)
-            u, s, vh = truncated_svd(residual, per_task, svd=svd)
+            u, s, vh = top_triplets(outside_left(delta, common_u), per_task, svd=svd)
             # The residual's rank cut is relative to the task vector itself: a
             # residual that is rounding noise (the task lies inside the common
             # subspace, as low-rank adapters do) must add nothing, while its own
             # largest singular value would let every noise direction through.
-            keep = int((s > floor * torch.linalg.matrix_norm(delta)).sum())
+            keep = int((s > floor * frobenius(delta)).sum())
             parts.append((u[:, :keep], s[:keep], vh[:keep]))
     sigma = torch.cat([s for _, s, _ in parts])
     if sigma.numel() == 0:
-        return total.new_zeros(n, 0), total.new_zeros(0, m)
+        return common_u, common_vh
     us = torch.cat([u for u, _, _ in parts], dim=1)
     vhs = torch.cat([vh for _, _, vh in parts], dim=0)
     return orthogonalized_factors(us, torch.full_like(sigma, float(sigma.mean())), vhs, svd=svd)

@@ -1,7 +1,7 @@
 """``mergekit-drm-lora CONFIG OUT``: merge LoRA adapters into one LoRA adapter.
 
-CONFIG is the YAML one would give ``mergekit-yaml`` for a full-model DRM merge
-(``merge_method: drm``, ``base_model``, ``models`` as ``base+adapter`` or
+CONFIG is the YAML one would give ``mergekit-yaml`` for a full-model merge
+(``merge_method:`` drm, tsv_m, iso_c or iso_cts, ``base_model``, ``models`` as ``base+adapter`` or
 adapter paths, ``parameters`` and per-model ``weight``). The output is a PEFT
 adapter whose scaled ``B @ A`` equals the full-model merge's change to each
 target matrix (exactly, up to rounding, unless ``--rank`` truncates).
@@ -16,14 +16,10 @@ from typing import Optional
 
 import click
 
-from mergekit_drm.lora.merge import (
-    DTYPES,
-    LoraMergeError,
-    check_output_dir,
-    execute_plan,
-    plan_lora_merge,
-    write_adapter,
-)
+from mergekit_drm.lora.execute import execute_plan
+from mergekit_drm.lora.methods import DTYPES, LoraMergeError
+from mergekit_drm.lora.peft_output import check_output_dir, write_adapter
+from mergekit_drm.lora.plan import plan_lora_merge
 
 
 @click.command("mergekit-drm-lora")
@@ -73,7 +69,10 @@ def main(
     write_model_card: bool,
     quiet: bool,
 ) -> None:
-    """Merge the LoRA adapters listed in CONFIG_FILE with DRM into one adapter in OUT_PATH."""
+    """Merge the LoRA adapters listed in CONFIG_FILE into one adapter in OUT_PATH.
+
+    The YAML's merge_method (drm, tsv_m, iso_c or iso_cts) runs on the adapters'
+    factors."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
 
     def say(message: str) -> None:
@@ -93,7 +92,7 @@ def main(
             click.echo(f"Warning: {warning}", err=True)
         say(
             f"Merging {len(plan.entries)} adapters over {len(plan.modules)} target "
-            f"matrices with DRM ({plan.modules[0].kwargs['direction'] if plan.modules else '-'})"
+            f"matrices with {plan.method.name}"
         )
         result = execute_plan(plan, rank=rank, device=device)
         write_adapter(plan, result, out_path, force=force, write_card=write_model_card)

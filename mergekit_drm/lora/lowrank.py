@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -165,6 +165,68 @@ def _shared_left_lowrank(
     return basis, merged
 
 
+def prepare_lowrank(
+    adapters: Sequence[Optional[LoraFactors]],
+    weights: Sequence[float] | torch.Tensor | None,
+    shape: Tuple[int, int],
+    compute_dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    *,
+    method: str,
+) -> Tuple[torch.dtype, torch.Tensor, torch.device | str]:
+    """Check N adapters' factors of one (n, m) matrix; resolve dtype, weights, device.
+
+    The compute dtype defaults to the factors' precision, at least float32
+    (as the dense kernels); weights default to 1; the device to the first
+    adapter's. Every low-rank merge (``drm``, ``lowrank_subspace``) starts here.
+    """
+    factor_dtype = torch.float32
+    for adapter in adapters:
+        if adapter is not None:
+            factor_dtype = torch.promote_types(factor_dtype, adapter.B.dtype)
+            factor_dtype = torch.promote_types(factor_dtype, adapter.A.dtype)
+    compute_dtype = resolve_compute_dtype(compute_dtype, factor_dtype)
+    n, m = shape
+    n_models = len(adapters)
+    if n_models == 0:
+        raise ValueError("at least one adapter is needed")
+    if device is None:
+        present = [a for a in adapters if a is not None]
+        device = present[0].B.device if present else torch.device("cpu")
+    if weights is None:
+        weights_t = torch.ones(n_models, dtype=compute_dtype, device=device)
+    else:
+        weights_t = torch.as_tensor(weights, dtype=compute_dtype, device=device)
+        if weights_t.shape != (n_models,):
+            raise ValueError(
+                f"expected {n_models} weights, got {tuple(weights_t.shape)}"
+            )
+    for index, adapter in enumerate(adapters):
+        if adapter is not None:
+            _check_factors(adapter, index, n, m, method)
+    return compute_dtype, weights_t, device
+
+
+def _check_factors(adapter: LoraFactors, index: int, n: int, m: int, method: str) -> None:
+    if adapter.B.dim() != 2 or adapter.A.dim() != 2:
+        raise ValueError(f"adapter {index}: B and A must be matrices")
+    if adapter.B.shape[0] != n or adapter.A.shape[1] != m:
+        raise ValueError(
+            f"adapter {index}: B {tuple(adapter.B.shape)} @ A "
+            f"{tuple(adapter.A.shape)} is not {n} x {m}"
+        )
+    if adapter.B.shape[1] != adapter.A.shape[0]:
+        raise ValueError(
+            f"adapter {index}: inner dimensions of B {tuple(adapter.B.shape)} "
+            f"and A {tuple(adapter.A.shape)} differ"
+        )
+    for which, factor in (("B", adapter.B), ("A", adapter.A)):
+        check_finite(
+            factor, method=method, tensor_name=f"{which} of adapter {index} (0-based)",
+            fix="Pass finite factors.",
+        )
+
+
 def drm_merge_lowrank(
     adapters: Sequence[Optional[LoraFactors]],
     weights: Sequence[float] | torch.Tensor | None = None,
@@ -196,66 +258,14 @@ def drm_merge_lowrank(
     ``norm_target`` are the kernel's opt-in additions, exact here too: they
     act on the joint-space coordinates, which the factors give exactly.
     """
-    factor_dtype = torch.float32
-    for adapter in adapters:
-        if adapter is not None:
-            factor_dtype = torch.promote_types(factor_dtype, adapter.B.dtype)
-            factor_dtype = torch.promote_types(factor_dtype, adapter.A.dtype)
-    # Default: the factors' precision, at least float32 (as the dense kernel).
-    compute_dtype = resolve_compute_dtype(compute_dtype, factor_dtype)
+    compute_dtype, weights_t, device = prepare_lowrank(
+        adapters, weights, shape, compute_dtype, device, method="drm_merge_lowrank"
+    )
     check_matrix_options(direction, density, rank_tol, compute_dtype)
     check_joint_options(rank_budget, norm_target)
     n, m = shape
-    n_models = len(adapters)
-    if n_models == 0:
-        raise ValueError("at least one adapter is needed")
-    if device is None:
-        present = [a for a in adapters if a is not None]
-        device = present[0].B.device if present else torch.device("cpu")
-    if weights is None:
-        weights_t = torch.ones(n_models, dtype=compute_dtype, device=device)
-    else:
-        weights_t = torch.as_tensor(weights, dtype=compute_dtype, device=device)
-        if weights_t.shape != (n_models,):
-            raise ValueError(
-                f"expected {n_models} weights, got {tuple(weights_t.shape)}"
-            )
-    for index, adapter in enumerate(adapters):
-        if adapter is None:
-            continue
-        if adapter.B.dim() != 2 or adapter.A.dim() != 2:
-            raise ValueError(f"adapter {index}: B and A must be matrices")
-        if adapter.B.shape[0] != n or adapter.A.shape[1] != m:
-            raise ValueError(
-                f"adapter {index}: B {tuple(adapter.B.shape)} @ A "
-                f"{tuple(adapter.A.shape)} is not {n} x {m}"
-            )
-        if adapter.B.shape[1] != adapter.A.shape[0]:
-            raise ValueError(
-                f"adapter {index}: inner dimensions of B {tuple(adapter.B.shape)} "
-                f"and A {tuple(adapter.A.shape)} differ"
-            )
-        for which, factor in (("B", adapter.B), ("A", adapter.A)):
-            check_finite(
-                factor, method="drm_merge_lowrank", tensor_name=f"{which} of adapter {index} (0-based)",
-                fix="Pass finite factors.",
-            )
 
-    def cast(x: torch.Tensor) -> torch.Tensor:
-        return x.to(device=device, dtype=compute_dtype)
-
-    lefts: List[Optional[torch.Tensor]] = []
-    rights: List[Optional[torch.Tensor]] = []
-    for adapter in adapters:
-        if adapter is None:
-            lefts.append(None)
-            rights.append(None)
-        elif direction == "horizontal":
-            lefts.append(cast(adapter.B) * adapter.scale)
-            rights.append(cast(adapter.A))
-        else:
-            lefts.append(cast(adapter.A).T)
-            rights.append(cast(adapter.B).T * adapter.scale)
+    lefts, rights = _oriented(adapters, direction, device, compute_dtype)
     kwargs = dict(
         density=density,
         rank_tol=rank_tol,
@@ -282,6 +292,28 @@ def drm_merge_lowrank(
     return out_b.contiguous(), out_a.contiguous()
 
 
+def _oriented(
+    adapters: Sequence[Optional[LoraFactors]], direction: Direction, device, dtype: torch.dtype
+) -> Tuple[List[Optional[torch.Tensor]], List[Optional[torch.Tensor]]]:
+    """(lefts, rights) with delta_t = lefts[t] @ rights[t] for DRM-H, delta_t^T for DRM-V."""
+    lefts: List[Optional[torch.Tensor]] = []
+    rights: List[Optional[torch.Tensor]] = []
+    for adapter in adapters:
+        if adapter is None:
+            lefts.append(None)
+            rights.append(None)
+            continue
+        B = adapter.B.to(device=device, dtype=dtype)
+        A = adapter.A.to(device=device, dtype=dtype)
+        if direction == "horizontal":
+            lefts.append(B * adapter.scale)
+            rights.append(A)
+        else:
+            lefts.append(A.T)
+            rights.append(B.T * adapter.scale)
+    return lefts, rights
+
+
 def drm_merge_lowrank_parts(
     adapters: Sequence[Optional[LoraFactors]],
     weights: Sequence[float] | torch.Tensor | None,
@@ -290,14 +322,27 @@ def drm_merge_lowrank_parts(
     parts: Optional[Sequence[torch.Tensor]] = None,
     **kwargs,
 ) -> Factors:
-    """``drm_merge_lowrank`` on a fused projection, one part (row set) at a time.
+    """``drm_merge_lowrank`` on a fused projection, one part (row set) at a time."""
+    return merge_lowrank_parts(drm_merge_lowrank, adapters, weights, shape=shape, parts=parts, **kwargs)
+
+
+def merge_lowrank_parts(
+    merge: Callable[..., Factors],
+    adapters: Sequence[Optional[LoraFactors]],
+    weights: Sequence[float] | torch.Tensor | None,
+    *,
+    shape: Tuple[int, int],
+    parts: Optional[Sequence[torch.Tensor]] = None,
+    **kwargs,
+) -> Factors:
+    """A low-rank ``merge`` on a fused projection, one part (row set) at a time.
 
     A part's delta is B[rows] @ A, so splitting is slicing B. The parts' factors
     are packed block-diagonally: B' = blockdiag over rows, A' stacked, so that
     (B' @ A')[rows_p] = B'_p @ A'_p for every part.
     """
     if parts is None:
-        return drm_merge_lowrank(adapters, weights, shape=shape, **kwargs)
+        return merge(adapters, weights, shape=shape, **kwargs)
     n, m = shape
     results = []
     for rows in parts:
@@ -308,9 +353,7 @@ def drm_merge_lowrank_parts(
             else LoraFactors(adapter.B.index_select(0, rows.to(adapter.B.device)), adapter.A, adapter.scale)
             for adapter in adapters
         ]
-        results.append(
-            (rows, drm_merge_lowrank(sliced, weights, shape=(len(rows), m), **kwargs))
-        )
+        results.append((rows, merge(sliced, weights, shape=(len(rows), m), **kwargs)))
     total = sum(b.shape[1] for _, (b, _) in results)
     first = results[0][1][0]
     out_b = first.new_zeros(n, total)
