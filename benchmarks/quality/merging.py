@@ -58,11 +58,7 @@ def run_yaml(config_path: Path, out_dir: Path, random_seed: int = 0,
 
     mergekit_drm.register()  # the .pth hook does this too; explicit is harmless
 
-    from .tsv import register
-
     text = Path(config_path).read_text()
-    if "tsv_m" in text:
-        register()  # the benchmark's TSV-M baseline, only in processes that use it
     config = MergeConfiguration.model_validate(yaml.safe_load(text))
     out_dir = Path(out_dir)
     if out_dir.exists():
