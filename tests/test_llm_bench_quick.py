@@ -3,7 +3,6 @@ tiny LoRA fine-tunes, ties and drm through mergekit-yaml and mergekit-drm-lora).
 
 import importlib.util
 import json
-import time
 
 import pytest
 
@@ -55,7 +54,5 @@ def test_llm_quick_run_and_resume(tmp_path):
 
     # a rerun resumes from the cache: no new merge, fine-tune or score
     before = sorted(p.name for p in cache.rglob("*"))
-    t0 = time.time()
     run.main(["--quick", "--cache", str(cache), "--out", str(out)])
     assert sorted(p.name for p in cache.rglob("*")) == before
-    assert time.time() - t0 < 60

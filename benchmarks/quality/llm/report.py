@@ -162,6 +162,30 @@ def _score_seconds(cache: Path) -> List[float]:
     return [_load(p)["seconds"] for p in (cache / "scores").glob("merge-*-val.json")]
 
 
+PLANNED = (("lora", 0), ("full", 0), ("lora", 1), ("lora", 2))
+
+
+def _coverage(cache: Path, summaries: List[Dict], tasks: Sequence[str]) -> List[str]:
+    """What of the planned run is in the cache, and what is not (cut to fit)."""
+    if not tasks:
+        return []
+    done = {(s["kind"], s["seed"]): s for s in summaries}
+    lines = ["## Scope: what ran and what was cut", "",
+             "| setting | fine-tunes | defaults table | tuned table |", "|---|---|---|---|"]
+    for kind, seed in PLANNED:
+        n_ft = sum(1 for t in tasks if any(p.suffix != ".tmp" for p in
+                                            (cache / "finetunes").glob(f"{kind}-{t}-s{seed}-*")))
+        s = done.get((kind, seed), {})
+        cells = []
+        for table in ("defaults", "tuned"):
+            have = [m for m in METHOD_ORDER if m in s.get(table, {})]
+            missing = [m for m in METHOD_ORDER if m not in have]
+            cells.append("all methods" if not missing else
+                         ("not run" if not have else f"{len(have)} methods; not run: {', '.join(missing)}"))
+        lines.append(f"| {kind} seed {seed} | {n_ft}/{len(tasks)} | {cells[0]} | {cells[1]} |")
+    return lines + [""]
+
+
 def plot(groups: Dict[str, List[Dict]], path: Path) -> None:
     import matplotlib
 
@@ -303,6 +327,7 @@ def write(cache: Path, out: Path, quick: bool = False, notes: Sequence[str] = ()
                           f"{statistics.median(sec):.0f} s over {len(sec)} merges."]
         lines.append("")
 
+    lines += _coverage(cache, summaries, tasks)
     n = _copy_configs(cache, out, summaries)
     if n:
         lines += [f"The exact YAMLs of the {n} reported merges: [`llm_configs/`](llm_configs/) "
