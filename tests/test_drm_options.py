@@ -46,6 +46,8 @@ def oracle(deltas, weights=None, *, direction="vertical", density=1.0, rank_tol=
         target = np.mean([abs(w) * np.linalg.norm(p) for w, p, on in zip(lam, projected, active) if on])
     elif norm_target == "sum":
         target = np.linalg.norm(sum(w * p for w, p in zip(lam, projected)))
+    elif norm_target == "total":
+        target = np.sum([abs(w) * np.linalg.norm(p) for w, p in zip(lam, projected)])
     nu = np.linalg.norm(vecs, axis=2)
     significant = (nu > math.sqrt(EPS64)) & active[:, None]
     if rank_budget < 1:
@@ -96,6 +98,7 @@ OPTIONS = [
     {"isotropic": True},
     {"norm_target": "mean"},
     {"norm_target": "sum"},
+    {"isotropic": True, "norm_target": "total"},
     {"whiten": True, "isotropic": True, "norm_target": "mean", "rank_budget": 0.6},
 ]
 
@@ -143,6 +146,9 @@ def test_norm_targets(direction):
     total = drm_merge_matrix(deltas, direction=direction, rank_tol=0.0,
                              compute_dtype=torch.float64, norm_target="sum")
     assert math.isclose(float(total.norm()), np.linalg.norm(sum(raw)), rel_tol=1e-10)
+    aligned = drm_merge_matrix(deltas, direction=direction, rank_tol=0.0,
+                               compute_dtype=torch.float64, norm_target="total")
+    assert math.isclose(float(aligned.norm()), sum(np.linalg.norm(d) for d in raw), rel_tol=1e-10)
     # only the scale changes
     plain = drm_merge_matrix(deltas, direction=direction, rank_tol=0.0, compute_dtype=torch.float64)
     cosine = float((plain * mean).sum() / (plain.norm() * mean.norm()))
@@ -253,7 +259,7 @@ def test_method_passes_options_to_the_kernel():
 @pytest.mark.parametrize("params, needles", [
     ({"rank_budget": 0.0}, ("`rank_budget`", "(0, 1]")),
     ({"rank_budget": 2.0}, ("`rank_budget`", "(0, 1]")),
-    ({"norm_target": "median"}, ("`norm_target`", "none, mean, sum", "median")),
+    ({"norm_target": "median"}, ("`norm_target`", "none, mean, sum, total", "median")),
 ])
 def test_bad_option_fails_before_output(tmp_path, params, needles):
     from mergekit.config import MergeConfiguration

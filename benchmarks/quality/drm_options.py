@@ -40,6 +40,7 @@ from .run import DEFAULT_CACHE, FULL_SIZES, LAMBDAS, RESULTS_DIR, Bench, _mean, 
 DENSITY = 0.2
 DRM_V = {"direction": "vertical", "density": DENSITY}
 NORM_LAMBDAS = [0.5, 0.7, 1.0, 1.4]  # rows whose scale is set by norm_target: lambda 1 = the target
+WIDE_LAMBDAS = [1.0, 1.5, 2.0, 3.0]
 
 # row -> (mergekit method, parameters at lambda 1, lambda grid)
 ROWS: Dict[str, tuple] = {
@@ -65,6 +66,16 @@ ROWS: Dict[str, tuple] = {
     # lambda 2.67, beyond its grid), so set it from the task-arithmetic sum's norm
     "drm-V isotropic norm_target sum": (
         "drm", {**DRM_V, "isotropic": True, "norm_target": "sum"}, NORM_LAMBDAS),
+    # Protocol change decided on seed-0 validation: both flat-spectrum merges chose the
+    # point beyond their grid's top edge, so both get a higher grid (same 4-point budget).
+    "drm-V isotropic norm_target sum, high lambda": (
+        "drm", {**DRM_V, "isotropic": True, "norm_target": "sum"}, WIDE_LAMBDAS),
+    "iso_c, high lambda": ("iso_c", {}, WIDE_LAMBDAS),
+    # (a)+(d), own idea from the high-lambda row: its optimum (lambda ~2 x the sum's norm)
+    # is close to sum_t ||dW_t|| (about sqrt(5) x the sum's norm for these near-orthogonal
+    # task vectors), so that becomes the target and lambda 1 the untuned setting
+    "drm-V isotropic norm_target total": (
+        "drm", {**DRM_V, "isotropic": True, "norm_target": "total"}, NORM_LAMBDAS),
 }
 
 
@@ -173,45 +184,64 @@ def run_row(bench: Bench, deltas: Deltas, row: str, variant: str = "full") -> Di
     return res
 
 
-def report(bench: Bench, seeds: Sequence[int], rows: Sequence[str], results: Dict, out: Path) -> str:
+def _ms(xs: List[float]) -> str:
+    if not xs:
+        return "-"
+    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
+
+
+def _paired(xs: List[float], ys: List[float]) -> str:
+    d = [a - b for a, b in zip(xs, ys)]
+    spread = f" ± {statistics.stdev(d):.1f}" if len(d) > 1 else ""
+    return f"{statistics.mean(d):+.1f}{spread} ({sum(x > 0 for x in d)}/{len(d)})"
+
+
+REFERENCES = ("drm-V", "ties", "tsv_m", "iso_c, high lambda")
+
+
+def report(bench: Bench, results: Dict[int, Dict[str, Dict]]) -> str:
+    """Markdown tables from cached results: rows run on every seed, then the
+    seed-0 exploration. Normalized test accuracy (%), tuned and at lambda 1,
+    paired differences (mean ± std over seeds, seeds positive)."""
+    seeds = sorted(results)
     refs = {s: bench.references("full", s)["individual"]["test"] for s in seeds}
 
     def norm(s, r, lam):
         return 100 * normalized(results[s][r]["test"][str(lam)], refs[s])
 
-    tuned = {r: [norm(s, r, results[s][r]["selected"]) for s in seeds if r in results[s]] for r in rows}
-    untuned = {r: [norm(s, r, 1.0) for s in seeds if r in results[s]] for r in rows}
+    def table(rows, seeds):
+        refs_here = [r for r in REFERENCES if all(r in results[s] for s in seeds)]
+        head = ["row", "tuned", "lambda 1 (untuned)", "lambda per seed"]
+        head += [f"tuned − {r}" for r in refs_here] + ["untuned − drm-V untuned"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            tuned = [norm(s, r, results[s][r]["selected"]) for s in seeds]
+            untuned = [norm(s, r, 1.0) for s in seeds]
+            cells = [r, _ms(tuned), _ms(untuned), "; ".join(f"{results[s][r]['selected']:g}" for s in seeds)]
+            for ref in refs_here:
+                cells.append(_paired(tuned, [norm(s, ref, results[s][ref]["selected"]) for s in seeds]))
+            cells.append(_paired(untuned, [norm(s, "drm-V", 1.0) for s in seeds])
+                         if all("drm-V" in results[s] for s in seeds) else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
 
-    def ms(xs):
-        if not xs:
-            return "-"
-        return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
+    everywhere = [r for r in ROWS if all(r in results[s] for s in seeds)]
+    out = [f"### All seeds ({', '.join(map(str, seeds))})", "", table(everywhere, seeds)]
+    seed0 = [r for r in ROWS if r in results.get(seeds[0], {})]
+    out += ["", f"### Exploration, seed {seeds[0]} only (every row)", "", table(seed0, seeds[:1])]
+    return "\n".join(out)
 
-    def paired(r, ref, table):
-        if not table[r] or len(table[r]) != len(table[ref]):
-            return "-"
-        d = [a - b for a, b in zip(table[r], table[ref])]
-        pos = sum(x > 0 for x in d)
-        spread = f" ± {statistics.stdev(d):.1f}" if len(d) > 1 else ""
-        return f"{statistics.mean(d):+.1f}{spread} ({pos}/{len(d)})"
 
-    lines = ["| row | tuned normalized acc | untuned (lambda 1) | lambda per seed | "
-             "tuned − drm-V | tuned − ties | tuned − dare_ties | tuned − tsv_m | untuned − drm-V | merge s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if not tuned[r]:
-            continue
-        lam = "; ".join(f"{results[s][r]['selected']:g}" for s in seeds if r in results[s])
-        secs = statistics.mean(results[s][r]["merge_seconds"] for s in seeds if r in results[s])
-        cells = [r, ms(tuned[r]), ms(untuned[r]), lam]
-        for ref in ("drm-V", "ties", "dare_ties", "tsv_m"):
-            cells.append(paired(r, ref, tuned) if ref in tuned and tuned[ref] else "-")
-        cells.append(paired(r, "drm-V", untuned) if untuned.get("drm-V") else "-")
-        cells.append(f"{secs:.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return table
+def load_results(bench: Bench, seeds: Sequence[int]) -> Dict[int, Dict[str, Dict]]:
+    """Every cached row result of these seeds."""
+    folder = bench.cache / bench.tag / "drm_options"
+    results: Dict[int, Dict[str, Dict]] = {s: {} for s in seeds}
+    for path in sorted(folder.glob("full-s*.json")):
+        res = json.loads(path.read_text())
+        seed = int(path.name.split("-")[1][1:])
+        if seed in results and res["row"] in ROWS:
+            results[seed][res["row"]] = res
+    return results
 
 
 def check_against_yaml(bench: Bench, deltas: Deltas, row: str, lam: float = 1.0) -> Dict:
@@ -227,7 +257,8 @@ def check_against_yaml(bench: Bench, deltas: Deltas, row: str, lam: float = 1.0)
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (see ROWS)")
+    p.add_argument("--rows", default=";".join(ROWS),
+                   help="';'-separated row names (see ROWS); empty: only the tables from the cache")
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
     p.add_argument("--table", default=None, help="write the markdown table here")
     p.add_argument("--check", action="store_true",
@@ -236,20 +267,17 @@ def main(argv=None):
     torch.set_num_threads(int(os.environ.get("QUALITY_THREADS", "1")))
     bench = Bench(Path(args.cache), D.ALL_TASKS, FULL_SIZES, progress=False)
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    rows = [r.strip() for r in args.rows.split(";") if r.strip()]
     if args.check:
         print(json.dumps(check_against_yaml(bench, Deltas(bench, "full", seeds[0]), rows[0]), indent=1))
         return
-    results: Dict[int, Dict] = {}
-    for seed in seeds:
+    for seed in seeds if rows else ():
         deltas = Deltas(bench, "full", seed)
-        results[seed] = {}
         for row in rows:
             res = run_row(bench, deltas, row)
-            results[seed][row] = res
             print(f"seed {seed} {row}: lambda {res['selected']} val "
                   f"{_mean(res['val'][str(res['selected'])]):.3f} ({res['seconds']:.0f}s)", flush=True)
-    table = report(bench, seeds, rows, results, RESULTS_DIR)
+    table = report(bench, load_results(bench, seeds))
     print(table)
     if args.table:
         Path(args.table).write_text(table + "\n")

@@ -147,7 +147,7 @@ PARAMETERS = (
     ParameterSpec(
         "norm_target", _choice("norm_target", NORM_TARGETS), ParameterScope.SHARED,
         default="none",
-        description="rescale each merged delta to the mean task-vector norm or the norm of their sum",
+        description="rescale each merged delta to the mean task-vector norm, the norm of their sum, or the sum of their norms",
     ),
 )
 

@@ -14,7 +14,8 @@ is off by default (the merge is then the paper's). Plain tensors only.
 * ``flatten_spectrum``: the merged matrix's singular values are replaced by
   their mean (Iso-C's isotropic spectrum, applied after DRM's merge).
 * ``target_norm``: a data-free scale: the Frobenius norm the merged delta is
-  rescaled to, the mean of the task vectors' norms or the norm of their sum.
+  rescaled to, the mean of the task vectors' norms, the norm of their sum, or
+  the sum of their norms.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from mergekit_drm.subspace import POLAR_RANK_TOL, truncated_svd
 
-NORM_TARGETS = ("none", "mean", "sum")
+NORM_TARGETS = ("none", "mean", "sum", "total")
 
 
 def rank_budget_mask(energy: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -94,12 +95,17 @@ def target_norm(
     Model t's delta is basis @ diag(sigma) @ coords[t] with an orthonormal
     basis, so norms are taken on sigma-scaled coordinates. ``mean``: the
     mean over active models of ||w_t dW_t||; ``sum``: ||sum_t w_t dW_t||
-    (task arithmetic's norm at lambda 1).
+    (task arithmetic's norm at lambda 1); ``total``: sum_t ||w_t dW_t||, the
+    norm the sum would have if the task vectors were aligned (about sqrt(N)
+    times ``sum`` for unrelated tasks; measured to be the scale a flattened
+    spectrum wants, see the README).
     """
     scaled = coords.to(torch.float64) * sigma.to(torch.float64).view(1, -1, 1)
     w = weights.to(torch.float64)
-    if kind == "mean":
+    if kind in ("mean", "total"):
         norms = torch.linalg.vector_norm(scaled.flatten(1), dim=1) * w.abs()
+        if kind == "total":
+            return norms[active].sum()
         count = int(active.sum())
         return norms[active].sum() / max(count, 1)
     if kind == "sum":
