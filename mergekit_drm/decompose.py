@@ -51,6 +51,17 @@ def _rank(sigma: torch.Tensor, tol: float) -> int:
     return int((sigma > tol * sigma[0]).sum())
 
 
+def rank_cut(sigma: torch.Tensor, rank_tol: float, shape: Tuple[int, int], dtype: torch.dtype) -> int:
+    """How many of the descending ``sigma`` every route keeps for a dense ``shape``.
+
+    sigma_j > max(rank_tol, rank_floor(shape, dtype)) * sigma_max, with the
+    floor of the *dense* matrix (p x N*q for a stack) and the compute dtype,
+    so that routes computing sigma another way (in float64 from LoRA factors,
+    ``lora.lowrank``, ``subspace.factored_svd``) cut at the same place.
+    """
+    return _rank(sigma, max(rank_tol, rank_floor(shape, dtype)))
+
+
 def _gram_error(dtype: torch.dtype, tol: float) -> float:
     return torch.finfo(dtype).eps / max(tol, 1e-300) ** 2
 

@@ -26,7 +26,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from mergekit_drm.decompose import SvdMode, low_rank_factors, rank_floor
+from mergekit_drm.decompose import SvdMode, low_rank_factors, rank_cut
 
 Triplets = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U (p, r), s (r,), Vh (r, q)
 
@@ -73,9 +73,7 @@ def factored_svd(matrix: LowRank, k: Optional[int] = None) -> Triplets:
     q_left, r_left = torch.linalg.qr(matrix.left.to(torch.float64))
     q_right, r_right = torch.linalg.qr(matrix.right.to(torch.float64).T)
     u, s, vh = torch.linalg.svd(r_left @ r_right.T)
-    keep = 0
-    if s.numel() and bool(s[0] > 0):
-        keep = int((s > rank_floor((p, q), dtype) * s[0]).sum())
+    keep = rank_cut(s, 0.0, (p, q), dtype)
     if k is not None:
         keep = min(keep, k)
     return (q_left @ u[:, :keep]).to(dtype), s[:keep].to(dtype), (vh[:keep] @ q_right.T).to(dtype)

@@ -23,8 +23,6 @@ from __future__ import annotations
 from typing import Any, Hashable, List, Optional, Sequence
 
 import torch
-from pydantic import AfterValidator
-from typing_extensions import Annotated
 
 from mergekit.merge_methods.base import (
     BasePolicy,
@@ -38,6 +36,7 @@ from mergekit.merge_methods.base import (
 from mergekit_drm.architectures import matrix_layout
 from mergekit_drm.checks import check_finite, check_parameter_names, planned_configuration
 from mergekit_drm.drm.kernel import resolve_compute_dtype
+from mergekit_drm.parameters import COMPUTE_DTYPE, SVD, typed
 from mergekit_drm.preflight import (
     check_present,
     check_same_shapes,
@@ -45,38 +44,6 @@ from mergekit_drm.preflight import (
     model_config,
     planned_task,
 )
-
-SVD_MODES = ("auto", "full", "gram")
-COMPUTE_DTYPES = ("auto", "float32", "float64")
-
-
-def choice(method: str, name: str, options: Sequence[str]):
-    def check(value: str) -> str:
-        if value not in options:
-            raise ValueError(
-                f"{method} parameter `{name}` must be one of {', '.join(options)}; "
-                f"got {value!r}"
-            )
-        return value
-
-    return Annotated[str, AfterValidator(check)]
-
-
-def fraction(method: str, name: str, meaning: str, *, allow_zero: bool = False, optional: bool = False):
-    """A float in (0, 1] (or [0, 1]); None passes when ``optional`` (= the default rule)."""
-    interval = "[0, 1]" if allow_zero else "(0, 1]"
-
-    def check(value):
-        if value is None and optional:
-            return value
-        if not ((0 <= value if allow_zero else 0 < value) and value <= 1):
-            raise ValueError(
-                f"{method} parameter `{name}` must be in {interval} ({meaning}); got {value}"
-            )
-        return value
-
-    return Annotated[Optional[float] if optional else float, AfterValidator(check)]
-
 
 def common_parameters(method: str) -> List[ParameterSpec]:
     return [
@@ -92,9 +59,9 @@ def common_parameters(method: str) -> List[ParameterSpec]:
             "decompose", bool, ParameterScope.SHARED, default=True,
             description="false sends a tensor (use a filter) to the mean path",
         ),
-        ParameterSpec("svd", choice(method, "svd", SVD_MODES), ParameterScope.SHARED, default="auto"),
+        ParameterSpec("svd", typed(method, "svd", SVD), ParameterScope.SHARED, default="auto"),
         ParameterSpec(
-            "compute_dtype", choice(method, "compute_dtype", COMPUTE_DTYPES),
+            "compute_dtype", typed(method, "compute_dtype", COMPUTE_DTYPE),
             ParameterScope.SHARED, default="auto",
             description="auto = the inputs' precision, at least float32 (as drm)",
         ),

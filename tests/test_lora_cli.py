@@ -264,6 +264,24 @@ def run_route1(tmp_path, config, name="route1"):
     return out
 
 
+def assert_route1_equal(base, route1, out, tol):
+    """Base + the CLI adapter equals route 1's checkpoint tensor by tensor (relative
+    error < tol where route 1 moved a tensor, bit-equal elsewhere); the moved deltas."""
+    base_state = load_file(os.path.join(base, "model.safetensors"))
+    full = load_file(os.path.join(route1, "model.safetensors"))
+    applied = applied_state(base, str(out))
+    assert set(full) == set(applied)
+    moved = {}
+    for name, tensor in full.items():
+        delta = tensor.double() - base_state[name].double()
+        if float(delta.norm()) == 0:
+            assert torch.equal(applied[name], base_state[name]), name
+            continue
+        moved[name] = delta
+        assert rel(applied[name].double() - base_state[name].double(), delta) < tol, name
+    return moved
+
+
 def _logits(model):
     ids = torch.tensor([[1, 5, 7, 9, 11, 2, 40, 3]])
     with torch.no_grad():
@@ -286,19 +304,8 @@ def test_route1_mergekit_equals_merged_adapter(tmp_path, llama64, llama32, preci
     out, _ = run_cli(tmp_path, config)
     tol = TOL[getattr(torch, precision)]
 
-    base_state = load_file(os.path.join(base, "model.safetensors"))
-    full = load_file(os.path.join(route1, "model.safetensors"))
-    applied = applied_state(base, str(out))
-    assert set(full) == set(applied)
-    moved = 0
-    for name, tensor in full.items():
-        delta = tensor.double() - base_state[name].double()
-        if float(delta.norm()) == 0:
-            assert torch.equal(applied[name], base_state[name]), name
-            continue
-        moved += 1
-        assert rel(applied[name].double() - base_state[name].double(), delta) < tol, name
-    assert moved == 14  # 7 matrices x 2 layers are targeted by some adapter
+    moved = assert_route1_equal(base, route1, out, tol)
+    assert len(moved) == 14  # 7 matrices x 2 layers are targeted by some adapter
 
     # Logits of the base with the (unmerged) adapter vs the route-1 checkpoint.
     adapted = peft.PeftModel.from_pretrained(_load_base(base), str(out))
@@ -318,27 +325,23 @@ FUSED_ADAPTERS = {
 }
 
 
+@pytest.mark.parametrize("method", ["drm", "tsv_m"])
 @pytest.mark.parametrize("arch", ["phi3", "gpt2"])
-def test_route1_fused_and_conv1d(tmp_path, arch):
+def test_route1_fused_and_conv1d(tmp_path, arch, method):
     """Fused projections (Phi-3 qkv/gate_up, GPT-2 c_attn) are merged part by
     part and GPT-2 Conv1D is transposed in route 1; the adapter must agree."""
     base, paths = build_set(str(tmp_path), arch=arch, dtype=torch.float64, adapters=FUSED_ADAPTERS[arch])
-    params = {"direction": "vertical", "density": 0.3, "compute_dtype": "float64"}
+    params = {"compute_dtype": "float64"}
+    if method == "drm":
+        params.update(direction="vertical", density=0.3)
     config = yaml_config(base, list(paths.values()), [1.0, 0.8], params, dtype="float64")
+    config["merge_method"] = method
     route1 = run_route1(tmp_path, config)
     out, _ = run_cli(tmp_path, config)
-    base_state = load_file(os.path.join(base, "model.safetensors"))
-    full = load_file(os.path.join(route1, "model.safetensors"))
-    applied = applied_state(base, str(out))
-    fused = 0
-    for name, tensor in full.items():
-        delta = tensor.double() - base_state[name].double()
-        if float(delta.norm()) == 0:
-            continue
-        assert rel(applied[name].double() - base_state[name].double(), delta) < 1e-8, name
-        layout = matrix_layout(name, arch, CONFIGS[arch](), tuple(tensor.shape))
-        fused += layout.parts is not None
-    assert fused >= 2
+    moved = assert_route1_equal(base, route1, out, 1e-8)
+    fused = [name for name, delta in moved.items()
+             if matrix_layout(name, arch, CONFIGS[arch](), tuple(delta.shape)).parts is not None]
+    assert len(fused) >= 2
 
 
 # ---------------------------------------------------------------------------
@@ -578,28 +581,19 @@ def test_subspace_methods_adapter_equals_dense_merge(tmp_path, llama64, method, 
     route1 = run_route1(tmp_path, config)
     out, result = run_cli(tmp_path, config)
     assert f"with {method}" in result.output
-    base_state = load_file(os.path.join(base, "model.safetensors"))
-    full = load_file(os.path.join(route1, "model.safetensors"))
-    applied = applied_state(base, str(out))
+    moved = assert_route1_equal(base, route1, out, 1e-8)
     folded = [peft_deltas(base, a) for a in paths.values()]
     ranks = {k.split(".lora_")[0][len("base_model.model."):]: v.shape[0]
              for k, v in load_file(str(out / "adapter_model.safetensors")).items() if k.endswith("lora_A.weight")}
-    moved = 0
-    for name, tensor in full.items():
-        delta = tensor.double() - base_state[name].double()
-        if float(delta.norm()) == 0:
-            assert torch.equal(applied[name], base_state[name]), name
-            continue
-        moved += 1
-        assert rel(applied[name].double() - base_state[name].double(), delta) < 1e-8, name
+    for name, delta in moved.items():
         module = name[: -len(".weight")]
         adapter_ranks = [int(torch.linalg.matrix_rank(f[module])) for f in folded if module in f]
-        k = max(1, int(0.05 * min(tensor.shape))) if "rank_fraction" in params else min(tensor.shape) // 4
+        k = max(1, int(0.05 * min(delta.shape))) if "rank_fraction" in params else min(delta.shape) // 4
         bound = sum(min(k, r) for r in adapter_ranks) if method == "tsv_m" else sum(adapter_ranks)
         if method == "iso_cts":
-            r = min(tensor.shape)
+            r = min(delta.shape)
             per_task = min(round((r - int(params["common_space_fraction"] * r)) / 4), r // 4)
             bound = min(r - 4 * per_task, bound) + sum(min(per_task, a) for a in adapter_ranks)
         assert int(torch.linalg.matrix_rank(delta)) <= ranks[module] <= bound, module
-    assert moved == 14
+    assert len(moved) == 14
     assert f"[{'TSV-M' if method == 'tsv_m' else method.replace('iso_c', 'Iso-C').replace('Iso-Cts', 'Iso-CTS')}]" in (out / "README.md").read_text()

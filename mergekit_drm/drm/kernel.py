@@ -36,8 +36,8 @@ import torch
 from mergekit_drm.checks import check_finite_stack
 from mergekit_drm.decompose import SvdMode, low_rank_factors
 from mergekit_drm.linalg_backends import matmul, stage
+from mergekit_drm.parameters import DENSITY, DIRECTION, NORM_TARGET, RANK_BUDGET, RANK_TOL, check, check_weights
 from mergekit_drm.drm.options import (
-    NORM_TARGETS,
     flatten_spectrum,
     rank_budget_mask,
     rescale_to,
@@ -216,15 +216,8 @@ def _merge_shared_left_basis(
 
 def check_joint_options(rank_budget: float, norm_target: str) -> None:
     """Range checks of the opt-in additions (``options.py``)."""
-    if not 0 < rank_budget <= 1:
-        raise ValueError(
-            f"rank_budget must be in (0, 1] (fraction of the joint directions each "
-            f"model keeps; 1 = all, the paper), got {rank_budget}"
-        )
-    if norm_target not in NORM_TARGETS:
-        raise ValueError(
-            f"norm_target must be one of {', '.join(NORM_TARGETS)}, got {norm_target!r}"
-        )
+    check(RANK_BUDGET, "rank_budget", rank_budget)
+    check(NORM_TARGET, "norm_target", norm_target)
 
 
 def resolve_compute_dtype(compute_dtype, input_dtype: torch.dtype) -> torch.dtype:
@@ -248,19 +241,10 @@ def _input_dtype(deltas) -> torch.dtype:
 
 
 def check_matrix_options(direction, density, rank_tol, compute_dtype) -> None:
-    """Range checks shared by the dense and the LoRA entry points."""
-    if direction not in ("vertical", "horizontal"):
-        raise ValueError(
-            f"direction must be 'vertical' or 'horizontal', got {direction!r}"
-        )
-    if not 0 < density <= 1:
-        raise ValueError(f"density must be in (0, 1], got {density}")
-    if not 0 <= rank_tol < 1:
-        raise ValueError(
-            f"rank_tol must be in [0, 1), got {rank_tol}: singular values below "
-            "rank_tol * sigma_max are dropped, so 1 or more would drop every direction "
-            "and merge nothing"
-        )
+    """Range checks shared by the dense and the LoRA entry points (``parameters.py``'s rules)."""
+    check(DIRECTION, "direction", direction)
+    check(DENSITY, "density", density)
+    check(RANK_TOL, "rank_tol", rank_tol)
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError("compute_dtype must be torch.float32 or torch.float64")
 
@@ -396,6 +380,5 @@ def _weights(weights, n_models: int, like: torch.Tensor) -> torch.Tensor:
     if weights is None:
         return like.new_ones(n_models)
     weights_t = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
-    if weights_t.shape != (n_models,):
-        raise ValueError(f"expected {n_models} weights, got {tuple(weights_t.shape)}")
+    check_weights(weights_t, n_models)
     return weights_t

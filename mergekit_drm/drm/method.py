@@ -12,8 +12,6 @@ from __future__ import annotations
 from typing import Any, Hashable, Optional, Sequence
 
 import torch
-from pydantic import AfterValidator
-from typing_extensions import Annotated, Literal
 
 from mergekit.merge_methods.base import (
     BasePolicy,
@@ -27,7 +25,17 @@ from mergekit.merge_methods.base import (
 from mergekit_drm.architectures import matrix_layout
 from mergekit_drm.checks import check_finite, check_parameter_names, planned_configuration
 from mergekit_drm.drm.kernel import drm_merge_matrix, elementwise_merge, resolve_compute_dtype
-from mergekit_drm.drm.options import NORM_TARGETS
+from mergekit_drm.parameters import (
+    COMPUTE_DTYPE,
+    DENSITY,
+    DIRECTION,
+    NONLINEAR_DENSITY,
+    NORM_TARGET,
+    RANK_BUDGET,
+    RANK_TOL,
+    SVD,
+    typed,
+)
 from mergekit_drm.preflight import (
     check_present,
     check_same_shapes,
@@ -40,50 +48,9 @@ PRETTY_NAME = "DRM"
 REFERENCE_URL = "https://arxiv.org/abs/2505.23117"
 
 
-def _fraction(name: str, meaning: str):
-    def check(value: float) -> float:
-        if not 0 < value <= 1:
-            raise ValueError(
-                f"drm parameter `{name}` must be in (0, 1] ({meaning}); got {value}"
-            )
-        return value
+def _rule(name: str, rule):
+    return typed("drm", name, rule)
 
-    return Annotated[float, AfterValidator(check)]
-
-
-RANK_TOL_MEANING = (
-    "singular values below rank_tol * sigma_max are dropped, so 0 keeps every "
-    "direction above rounding, 0.01 (default) the directions above 1% of the largest, "
-    "and 1 or more would drop them all and return the base model unchanged"
-)
-
-
-def _rank_tol():
-    def check(value: float) -> float:
-        if not 0 <= value < 1:
-            raise ValueError(
-                f"drm parameter `rank_tol` must be in [0, 1) ({RANK_TOL_MEANING}); got {value}"
-            )
-        return value
-
-    return Annotated[float, AfterValidator(check)]
-
-
-def _choice(name: str, options: Sequence[str]):
-    def check(value: str) -> str:
-        if value not in options:
-            raise ValueError(
-                f"drm parameter `{name}` must be one of {', '.join(options)}; "
-                f"got {value!r}"
-            )
-        return value
-
-    return Annotated[str, AfterValidator(check)]
-
-
-DIRECTIONS = ("vertical", "horizontal")
-SVD_MODES = ("auto", "full", "gram")
-COMPUTE_DTYPES = ("auto", "float32", "float64")
 
 PARAMETERS = (
     ParameterSpec(
@@ -92,25 +59,25 @@ PARAMETERS = (
     ),
     ParameterSpec(
         "density",
-        _fraction("density", "fraction of joint-space coordinates kept, jointly over all models"),
+        _rule("density", DENSITY),
         ParameterScope.NON_BASE,
         default=0.2,
         description="fraction of renormalized coordinates kept (paper: drop rate 0.8)",
     ),
     ParameterSpec(
-        "direction", _choice("direction", DIRECTIONS), ParameterScope.SHARED,
+        "direction", _rule("direction", DIRECTION), ParameterScope.SHARED,
         default="vertical",
         description="vertical = DRM-V (shared input basis), horizontal = DRM-H",
     ),
     ParameterSpec(
         "rank_tol",
-        _rank_tol(),
+        _rule("rank_tol", RANK_TOL),
         ParameterScope.SHARED,
         default=0.01,
     ),
     ParameterSpec(
         "nonlinear_density",
-        _fraction("nonlinear_density", "fraction of each model's entries kept on the elementwise path"),
+        _rule("nonlinear_density", NONLINEAR_DENSITY),
         ParameterScope.NON_BASE,
         default=1.0,
     ),
@@ -122,16 +89,16 @@ PARAMETERS = (
         "decompose", bool, ParameterScope.SHARED, default=True,
         description="false sends a tensor (use a filter) to the elementwise path",
     ),
-    ParameterSpec("svd", _choice("svd", SVD_MODES), ParameterScope.SHARED, default="auto"),
+    ParameterSpec("svd", _rule("svd", SVD), ParameterScope.SHARED, default="auto"),
     ParameterSpec(
-        "compute_dtype", _choice("compute_dtype", COMPUTE_DTYPES),
+        "compute_dtype", _rule("compute_dtype", COMPUTE_DTYPE),
         ParameterScope.SHARED, default="auto",
         description="auto = the inputs' precision, at least float32 (float64 checkpoints compute in float64)",
     ),
     # Opt-in additions beyond the paper (drm/options.py); defaults = the paper.
     ParameterSpec(
         "rank_budget",
-        _fraction("rank_budget", "fraction of the joint directions each model keeps, by its own energy; 1 = all"),
+        _rule("rank_budget", RANK_BUDGET),
         ParameterScope.SHARED,
         default=1.0,
         description="each model keeps only its top fraction of joint directions (1 = off)",
@@ -145,14 +112,15 @@ PARAMETERS = (
         description="flatten the merged matrix's singular values to their mean (Iso-C after DRM)",
     ),
     ParameterSpec(
-        "norm_target", _choice("norm_target", NORM_TARGETS), ParameterScope.SHARED,
+        "norm_target", _rule("norm_target", NORM_TARGET), ParameterScope.SHARED,
         default="none",
         description="rescale each merged delta to the mean task-vector norm, the norm of their sum, or the sum of their norms",
     ),
 )
 
 
-def _check_one_density(name: str, densities) -> None:
+def check_one_density(name: str, densities) -> None:
+    """drm prunes jointly, so every model of one tensor has the same ``density``."""
     densities = set(densities)
     if len(densities) > 1:
         raise ValueError(
@@ -199,7 +167,7 @@ class DRMMerge(GroupMergeMethod):
             check_present(group_name, input_ids, task)
             check_same_shapes(group_name, input_ids)
             if task is not None:
-                _check_one_density(
+                check_one_density(
                     group_name,
                     [task.input_parameters[m]["density"] for m in input_ids if m != base_id],
                 )
@@ -215,7 +183,7 @@ class DRMMerge(GroupMergeMethod):
         for entry in entries:
             check_finite(entry.tensor, method="drm", tensor_name=name, model=entry.id)
         densities = {params["density"][entry.id] for entry in entries}
-        _check_one_density(name, densities)
+        check_one_density(name, densities)
         input_dtype = base.dtype
         for entry in entries:
             input_dtype = torch.promote_types(input_dtype, entry.tensor.dtype)

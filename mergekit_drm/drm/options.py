@@ -24,9 +24,8 @@ import math
 
 import torch
 
+from mergekit_drm.parameters import NORM_TARGET, check
 from mergekit_drm.subspace import POLAR_RANK_TOL, truncated_svd
-
-NORM_TARGETS = ("none", "mean", "sum", "total")
 
 
 def rank_budget_mask(energy: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -110,7 +109,8 @@ def target_norm(
         return norms[active].sum() / max(count, 1)
     if kind == "sum":
         return torch.linalg.vector_norm((scaled * w.view(-1, 1, 1)).sum(0))
-    raise ValueError(f"norm_target must be one of {', '.join(NORM_TARGETS)}, got {kind!r}")
+    check(NORM_TARGET, "norm_target", kind)
+    raise AssertionError(f"norm_target {kind!r} admitted but not handled")
 
 
 def rescale_to(merged: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from typing import Sequence, Tuple
 import torch
 
 from mergekit_drm.decompose import SvdMode, rank_floor
+from mergekit_drm.parameters import COMMON_SPACE_FRACTION, check, check_weights
 from mergekit_drm.subspace import Matrix, Triplets, frobenius, orthogonalized_factors, outside_left, top_triplets
 
 Factors = Tuple[torch.Tensor, torch.Tensor]
@@ -40,8 +41,7 @@ def subspace_sizes(r: int, n_tasks: int, common_space_fraction: float) -> Tuple[
     the task-specific part divides equally; k = r - T*s. Here s is also capped
     at floor(r / T) so that k is never negative.
     """
-    if not 0 <= common_space_fraction <= 1:
-        raise ValueError(f"common_space_fraction must be in [0, 1], got {common_space_fraction}")
+    check(COMMON_SPACE_FRACTION, "common_space_fraction", common_space_fraction)
     k0 = int(math.floor(common_space_fraction * r + 1e-9))
     per_task = min(round((r - k0) / n_tasks), r // n_tasks)
     return r - n_tasks * per_task, per_task
@@ -90,8 +90,7 @@ def _weighted(deltas, weights, compute_dtype):
     if not stack:
         raise ValueError("at least one delta is needed")
     weights = [1.0] * len(stack) if weights is None else list(weights)
-    if len(weights) != len(stack):
-        raise ValueError(f"expected {len(stack)} weights, got {len(weights)}")
+    check_weights(weights, len(stack))
     if stack[0].dim() != 2:
         raise ValueError(f"Iso-C/Iso-CTS merge matrices, got a tensor of shape {tuple(stack[0].shape)}")
     return [d * w for d, w in zip(stack, weights)]

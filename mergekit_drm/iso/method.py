@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 from mergekit_drm.iso.kernel import iso_c_merge_matrix, iso_cts_merge_matrix
-from mergekit_drm.subspace_method import SubspaceMerge, common_parameters, fraction, method_spec
+from mergekit_drm.parameters import COMMON_SPACE_FRACTION, typed
+from mergekit_drm.subspace_method import SubspaceMerge, common_parameters, method_spec
 
 REFERENCE_URL = "https://arxiv.org/abs/2502.04959"
 
@@ -30,11 +31,7 @@ class IsoCTSMerge(SubspaceMerge):
         common_parameters("iso_cts") + [
             ParameterSpec(
                 "common_space_fraction",
-                fraction(
-                    "iso_cts", "common_space_fraction",
-                    "share of each matrix's rank given to the common subspace",
-                    allow_zero=True,
-                ),
+                typed("iso_cts", "common_space_fraction", COMMON_SPACE_FRACTION),
                 ParameterScope.SHARED,
                 default=0.8,
                 description="common subspace size / min(rows, cols) (paper: 0.8)",

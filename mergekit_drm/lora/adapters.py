@@ -187,7 +187,33 @@ def load_adapter(path: str, label: Optional[str] = None) -> LoraAdapter:
     """Read and check one adapter directory; raise ``AdapterError`` if unusable."""
     label = label or path
     config = read_adapter_config(path, label)
-    state = _load_state(path, label)
+    factors = _factor_pairs(_load_state(path, label), label)
+    adapter = LoraAdapter(path=path, label=label, config=config)
+    use_rslora = bool(config.get("use_rslora", False))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    dtypes = set()
+    for module in sorted(factors):
+        a, b = _checked_pair(factors[module], module, label)
+        rank = int(_pattern_value(rank_pattern, module, config.get("r", 8)))
+        alpha = float(_pattern_value(alpha_pattern, module, config.get("lora_alpha", 8)))
+        if rank != a.shape[0]:
+            raise AdapterError(
+                f"{label}: module {module} has rank {a.shape[0]} in the weights but "
+                f"{rank} in {CONFIG_NAME} (r / rank_pattern); the adapter is inconsistent"
+            )
+        adapter.modules[module] = LoraFactors(
+            B=b, A=a, scale=lora_scale(alpha, rank, use_rslora)
+        )
+        adapter.ranks[module] = rank
+        adapter.alphas[module] = alpha
+        dtypes.update((a.dtype, b.dtype))
+    adapter.dtypes = tuple(sorted(dtypes, key=str))
+    return adapter
+
+
+def _factor_pairs(state: Dict[str, torch.Tensor], label: str) -> Dict[str, Dict[str, torch.Tensor]]:
+    """module -> {"A": lora_A, "B": lora_B}; any other tensor is refused."""
     factors: Dict[str, Dict[str, torch.Tensor]] = {}
     unknown = []
     for key, tensor in state.items():
@@ -205,58 +231,40 @@ def load_adapter(path: str, label: Optional[str] = None) -> LoraAdapter:
         )
     if not factors:
         raise AdapterError(f"{label}: the adapter file holds no LoRA weights")
-    adapter = LoraAdapter(path=path, label=label, config=config)
-    use_rslora = bool(config.get("use_rslora", False))
-    default_r = config.get("r", 8)
-    default_alpha = config.get("lora_alpha", 8)
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    dtypes = set()
-    for module in sorted(factors):
-        pair = factors[module]
-        if set(pair) != {"A", "B"}:
-            raise AdapterError(
-                f"{label}: module {module} has lora_{''.join(sorted(pair))} but not "
-                "both lora_A and lora_B"
-            )
-        a, b = pair["A"], pair["B"]
-        if a.dim() != 2 or b.dim() != 2:
-            raise AdapterError(
-                f"{label}: module {module} has {a.dim()}-D LoRA factors (convolution "
-                "LoRA?); only linear layers are supported"
-            )
-        if a.shape[0] != b.shape[1]:
-            raise AdapterError(
-                f"{label}: module {module}: lora_A {tuple(a.shape)} and lora_B "
-                f"{tuple(b.shape)} have different ranks"
-            )
-        if not (a.is_floating_point() and b.is_floating_point()):
-            raise AdapterError(f"{label}: module {module} has non-float LoRA weights")
-        try:
-            for which, factor in (("lora_A", a), ("lora_B", b)):
-                check_finite(
-                    factor, method="mergekit-drm-lora", tensor_name=f"{module}.{which}",
-                    model=f"adapter {label}",
-                    fix="Repair or re-export that adapter (a diverged training run?), or "
-                    "remove it from `models:`.",
-                )
-        except NonFiniteError as exc:
-            raise AdapterError(str(exc)) from None
-        rank = int(_pattern_value(rank_pattern, module, default_r))
-        alpha = float(_pattern_value(alpha_pattern, module, default_alpha))
-        if rank != a.shape[0]:
-            raise AdapterError(
-                f"{label}: module {module} has rank {a.shape[0]} in the weights but "
-                f"{rank} in {CONFIG_NAME} (r / rank_pattern); the adapter is inconsistent"
-            )
-        adapter.modules[module] = LoraFactors(
-            B=b, A=a, scale=lora_scale(alpha, rank, use_rslora)
+    return factors
+
+
+def _checked_pair(pair: Dict[str, torch.Tensor], module: str, label: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(lora_A, lora_B) of one module: both present, 2-D, same rank, float, finite."""
+    if set(pair) != {"A", "B"}:
+        raise AdapterError(
+            f"{label}: module {module} has lora_{''.join(sorted(pair))} but not "
+            "both lora_A and lora_B"
         )
-        adapter.ranks[module] = rank
-        adapter.alphas[module] = alpha
-        dtypes.update((a.dtype, b.dtype))
-    adapter.dtypes = tuple(sorted(dtypes, key=str))
-    return adapter
+    a, b = pair["A"], pair["B"]
+    if a.dim() != 2 or b.dim() != 2:
+        raise AdapterError(
+            f"{label}: module {module} has {a.dim()}-D LoRA factors (convolution "
+            "LoRA?); only linear layers are supported"
+        )
+    if a.shape[0] != b.shape[1]:
+        raise AdapterError(
+            f"{label}: module {module}: lora_A {tuple(a.shape)} and lora_B "
+            f"{tuple(b.shape)} have different ranks"
+        )
+    if not (a.is_floating_point() and b.is_floating_point()):
+        raise AdapterError(f"{label}: module {module} has non-float LoRA weights")
+    try:
+        for which, factor in (("lora_A", a), ("lora_B", b)):
+            check_finite(
+                factor, method="mergekit-drm-lora", tensor_name=f"{module}.{which}",
+                model=f"adapter {label}",
+                fix="Repair or re-export that adapter (a diverged training run?), or "
+                "remove it from `models:`.",
+            )
+    except NonFiniteError as exc:
+        raise AdapterError(str(exc)) from None
+    return a, b
 
 
 def normalized_base_name(name: Optional[str]) -> Optional[str]:

@@ -26,7 +26,7 @@ kernel): L_t = A_t^T (m x r_t), R_t = s_t B_t^T (r_t x n).
 After the factorisation every step is the kernel's, with the kernel's own
 functions: the rank cut (the rule of ``decompose.low_rank_factors``, with
 ``decompose.rank_floor`` of the *dense* stack shape and the compute dtype, so
-the cut is identical; see ``rank_cut``), the negligible-share rule,
+the cut is identical; see ``decompose.rank_cut``), the negligible-share rule,
 renormalisation, ``keep_top_magnitude`` over all N*r*q coordinates (a model
 without this module has zero coordinates that still count in K, exactly like
 an all-zero delta in the dense route), ``elect_and_mean``. The result is a
@@ -42,8 +42,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_drm.decompose import rank_floor
+from mergekit_drm.decompose import rank_cut
 from mergekit_drm.checks import check_finite
+from mergekit_drm.parameters import check_weights
 from mergekit_drm.drm.kernel import (
     Direction,
     check_joint_options,
@@ -64,24 +65,39 @@ class LoraFactors:
     scale: float = 1.0
 
 
-def rank_cut(
-    sigma: torch.Tensor, rank_tol: float, dense_shape: Tuple[int, int], dtype: torch.dtype
-) -> int:
-    """Number of singular values the dense route keeps.
+def _joint_left_svd(
+    lefts: Sequence[Optional[torch.Tensor]], rights: Sequence[Optional[torch.Tensor]], device
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+    """(U, sigma, active) of the stack [D_1 | ... | D_N], D_t = lefts[t] @ rights[t].
 
-    ``decompose.low_rank_factors``' rule: sigma_j > max(rank_tol,
-    rank_floor(dense stack shape)) * sigma_max, with the floor taken for the
-    *dense* p x N*q stack and the compute ``dtype`` (not the float64 of the
-    small SVD), so that both routes cut at the same place.
+    ``active[t]`` says whether model t has a non-zero delta; (None, None, active)
+    when none has. The factorization (QRs and the small SVD) always runs in
+    float64: it is tiny (p x sum(r_t)), and float32 basis noise, eps *
+    sigma_max / gap, would be amplified by DRM's discrete pruning and election
+    (measured on 4096-wide rank-16 adapters: ~1e-2 relative change of the
+    merged delta). Like the kernel's Gram route, the caller casts basis and
+    sigma to the compute dtype and projects the coordinates in that dtype.
     """
-    if sigma.numel() == 0 or not bool(sigma[0] > 0):
-        return 0
-    tol = max(rank_tol, rank_floor(dense_shape, dtype))
-    return int((sigma > tol * sigma[0]).sum())
-
-
-# The joint-space merge is the dense kernel's own.
-merge_coordinates = merge_in_basis
+    blocks: List[torch.Tensor] = []
+    active = torch.zeros(len(lefts), dtype=torch.bool, device=device)
+    for index, (left, right) in enumerate(zip(lefts, rights)):
+        if left is None or right is None or left.shape[1] == 0:
+            continue
+        left = left.to(device=device, dtype=torch.float64)
+        right = right.to(device=device, dtype=torch.float64)
+        # right^T = Q T, Q: q x k with orthonormal columns; D = (left T^T) Q^T.
+        # Only T is needed: Q never has to be formed.
+        _, tri = torch.linalg.qr(right.T, mode="r")
+        block = left @ tri.T
+        # An exactly-zero delta (e.g. a LoRA B never trained) takes no part.
+        if not bool(block.ne(0).any()):
+            continue
+        active[index] = True
+        blocks.append(block)
+    if not blocks:
+        return None, None, active
+    u, s, _ = torch.linalg.svd(torch.cat(blocks, dim=1), full_matrices=False)
+    return u, s, active
 
 
 def _shared_left_lowrank(
@@ -106,33 +122,9 @@ def _shared_left_lowrank(
     p, q = shape
     n_models = len(lefts)
     device = weights.device
-    blocks: List[torch.Tensor] = []
-    active = torch.zeros(n_models, dtype=torch.bool, device=device)
-    # The factorization (QRs and the small SVD) always runs in float64: it is
-    # tiny (p x sum(r_t)), and float32 basis noise, eps * sigma_max / gap,
-    # would be amplified by DRM's discrete pruning and election (measured on
-    # 4096-wide rank-16 adapters: ~1e-2 relative change of the merged delta).
-    # Like the kernel's Gram route, basis and sigma are then cast to the
-    # compute dtype and the coordinates are projected in that dtype.
-    for index, (left, right) in enumerate(zip(lefts, rights)):
-        if left is None or right is None or left.shape[1] == 0:
-            continue
-        left = left.to(device=device, dtype=torch.float64)
-        right = right.to(device=device, dtype=torch.float64)
-        # right^T = Q T, Q: q x k with orthonormal columns; D = (left T^T) Q^T.
-        # Only T is needed: Q never has to be formed.
-        _, tri = torch.linalg.qr(right.T, mode="r")
-        block = left @ tri.T
-        # An exactly-zero delta (e.g. a LoRA B never trained) takes no part.
-        if not bool(block.ne(0).any()):
-            continue
-        active[index] = True
-        blocks.append(block)
-    if not blocks:
+    u, s, active = _joint_left_svd(lefts, rights, device)
+    if s is None:
         return weights.new_zeros(p, 0), weights.new_zeros(0, q)
-    stacked = torch.cat(blocks, dim=1)
-    u, s, _ = torch.linalg.svd(stacked, full_matrices=False)
-    del stacked, blocks
     # The kernel's cut: its floor is for the compute dtype and the dense shape.
     r = rank_cut(s, rank_tol, (p, n_models * q), dtype)
     if r == 0:
@@ -151,7 +143,7 @@ def _shared_left_lowrank(
         right = right.to(device=device, dtype=dtype)
         torch.mm(basis.T @ left, right, out=coords[index])
         coords[index].mul_(inv)
-    merged = merge_coordinates(
+    merged = merge_in_basis(  # the joint-space merge is the dense kernel's own
         coords,
         sigma,
         active,
@@ -197,10 +189,7 @@ def prepare_lowrank(
         weights_t = torch.ones(n_models, dtype=compute_dtype, device=device)
     else:
         weights_t = torch.as_tensor(weights, dtype=compute_dtype, device=device)
-        if weights_t.shape != (n_models,):
-            raise ValueError(
-                f"expected {n_models} weights, got {tuple(weights_t.shape)}"
-            )
+        check_weights(weights_t, n_models)
     for index, adapter in enumerate(adapters):
         if adapter is not None:
             _check_factors(adapter, index, n, m, method)
@@ -267,16 +256,9 @@ def drm_merge_lowrank(
 
     lefts, rights = _oriented(adapters, direction, device, compute_dtype)
     kwargs = dict(
-        density=density,
-        rank_tol=rank_tol,
-        renorm=renorm,
-        sign_election=sign_election,
-        disjoint=disjoint,
-        dtype=compute_dtype,
-        rank_budget=rank_budget,
-        whiten=whiten,
-        isotropic=isotropic,
-        norm_target=norm_target,
+        density=density, rank_tol=rank_tol, renorm=renorm, sign_election=sign_election,
+        disjoint=disjoint, dtype=compute_dtype, rank_budget=rank_budget, whiten=whiten,
+        isotropic=isotropic, norm_target=norm_target,
     )
     if direction == "horizontal":
         basis, merged = _shared_left_lowrank(lefts, rights, weights_t, (n, m), **kwargs)

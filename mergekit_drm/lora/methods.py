@@ -56,15 +56,12 @@ class LoraMethod:
 
 
 def _drm_options(shared, per_model, weight_name):
-    densities = {values["density"] for values in per_model}
-    if len(densities) > 1:
-        raise LoraMergeError(
-            f"drm prunes jointly over all models, so `density` must be one value for "
-            f"{weight_name}; got {sorted(densities)}. Set it once under `parameters:`."
-        )
+    from mergekit_drm.drm.method import check_one_density
+
+    check_one_density(weight_name, [values["density"] for values in per_model])
     return dict(
         direction=shared["direction"],
-        density=float(densities.pop()),
+        density=float(per_model[0]["density"]),
         rank_tol=float(shared["rank_tol"]),
         renorm=bool(shared["renorm"]),
         sign_election=bool(shared["sign_election"]),

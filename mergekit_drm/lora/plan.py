@@ -444,10 +444,14 @@ def _module_plan(module, shape, parts, config, entries, base: _BaseInfo, method:
             "dense deltas; merge with `mergekit-yaml` instead"
         )
     values = [per_model[e.reference] for e in entries]
+    try:
+        kwargs = method.options(shared, values, weight_name)
+    except ValueError as exc:
+        raise LoraMergeError(str(exc)) from exc
     return ModulePlan(
         name=module,
         shape=shape,
         parts=parts,
         weights=tuple(float(v["weight"]) for v in values),
-        kwargs=method.options(shared, values, weight_name),
+        kwargs=kwargs,
     )

@@ -220,6 +220,48 @@ def _max_positions(config) -> Optional[int]:
 # --- activation statistics ------------------------------------------------------------
 
 
+def _stat_passes(taps, sizes, n: int, full: bool, max_stats_bytes: float) -> List[List[Tuple[Any, Any]]]:
+    """Taps packed into passes over the calibration data, each within ``max_stats_bytes``."""
+
+    def tap_bytes(item):
+        group, tap = item
+        o = sizes[(group.name, tap.space)]
+        return 8 * ((n * o) ** 2 if full else max(n - 1, 1) * o * o)
+
+    passes: List[List[Tuple[Any, Any]]] = [[]]
+    used = 0
+    for item in taps:
+        size = tap_bytes(item)
+        if passes[-1] and used + size > max_stats_bytes:
+            passes.append([])
+            used = 0
+        passes[-1].append(item)
+        used += size
+    return passes
+
+
+def _forward_taps(model, m: int, chosen, batch: torch.Tensor, captured: List[Dict[int, torch.Tensor]]) -> None:
+    """One forward pass of model ``m``; tap k's activations land in ``captured[k][m]``."""
+    handles = []
+    for k, (group, tap) in enumerate(chosen):
+        module = model.get_submodule(tap.module)
+
+        def hook(mod, args, output, k=k, tap=tap):
+            value = args[0] if tap.where == "input" else output
+            if isinstance(value, tuple):
+                value = value[0]
+            value = value.detach()[..., tap.start:tap.stop]
+            captured[k][m] = value.reshape(-1, value.shape[-1])
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(input_ids=batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def activation_similarity(
     models: Sequence[torch.nn.Module],
     spec: PermutationSpec,
@@ -241,21 +283,7 @@ def activation_similarity(
     taps = [(group, tap) for group in spec.groups.values() for tap in group.taps]
     sizes = {(g.name, t.space): g.space_sizes[t.space] for g, t in taps}
 
-    def tap_bytes(item):
-        group, tap = item
-        o = sizes[(group.name, tap.space)]
-        return 8 * ((n * o) ** 2 if full else max(n - 1, 1) * o * o)
-
-    passes: List[List[Tuple[Any, Any]]] = [[]]
-    used = 0
-    for item in taps:
-        size = tap_bytes(item)
-        if passes[-1] and used + size > max_stats_bytes:
-            passes.append([])
-            used = 0
-        passes[-1].append(item)
-        used += size
-
+    passes = _stat_passes(taps, sizes, n, full, max_stats_bytes)
     sums: Dict[str, Dict[str, torch.Tensor]] = {}
     counts: Dict[Tuple[str, str], int] = {}
     batches = tokens.split(batch_size)
@@ -270,24 +298,7 @@ def activation_similarity(
         for batch in batches:
             batch = batch.to(device)
             for m, model in enumerate(models):
-                handles = []
-                for k, (group, tap) in enumerate(chosen):
-                    module = model.get_submodule(tap.module)
-
-                    def hook(mod, args, output, k=k, tap=tap, m=m):
-                        value = args[0] if tap.where == "input" else output
-                        if isinstance(value, tuple):
-                            value = value[0]
-                        value = value.detach()[..., tap.start:tap.stop]
-                        captured[k][m] = value.reshape(-1, value.shape[-1])
-
-                    handles.append(module.register_forward_hook(hook))
-                try:
-                    with torch.no_grad():
-                        model(input_ids=batch)
-                finally:
-                    for handle in handles:
-                        handle.remove()
+                _forward_taps(model, m, chosen, batch, captured)
                 if bar is not None:
                     bar.update(1)
             for k, (group, tap) in enumerate(chosen):

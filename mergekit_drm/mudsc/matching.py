@@ -76,6 +76,9 @@ def zip_flat(
     within-model similarities are barred. Row maxima are cached, so a fusion
     costs O(N*O) rather than a scan of the whole matrix; the loop runs in numpy
     (single-threaded small vector ops; torch's thread pool only adds latency).
+    One function on purpose (~90 lines): the loop and its two helpers update the
+    same cached row maxima, budgets and members in place; split, they would pass
+    eight pieces of state around a hot loop.
     """
     n = similarity.shape[0]
     units = n // num_models

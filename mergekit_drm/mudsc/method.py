@@ -42,7 +42,8 @@ from mergekit_drm.mudsc.engine import (
     plan_alignment,
 )
 from mergekit_drm.preflight import is_slice_call, planned_task
-from mergekit_drm.mudsc.solver import MODES, SolverOptions
+from mergekit_drm.mudsc.solver import SolverOptions
+from mergekit_drm.parameters import ALPHA, AT_LEAST_ONE, MUDSC_MODE, NON_NEGATIVE, POSITIVE, typed
 
 PRETTY_NAME = "MuDSC"
 REFERENCE_URL = "https://arxiv.org/abs/2403.01753"
@@ -52,37 +53,8 @@ def _checked(kind, check):
     return Annotated[kind, AfterValidator(check)]
 
 
-def _alpha(value: float) -> float:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(
-            f"mudsc parameter `alpha` must be in [0, 1] (1 = weight space only, "
-            f"0 = activations only); got {value}"
-        )
-    return value
-
-
-def _mode(value: str) -> str:
-    if value not in MODES:
-        raise ValueError(f"mudsc parameter `mode` must be one of {', '.join(MODES)}; got {value!r}")
-    return value
-
-
-def _positive(name: str):
-    def check(value: int) -> int:
-        if value < 1:
-            raise ValueError(f"mudsc parameter `{name}` must be >= 1; got {value}")
-        return value
-
-    return check
-
-
-def _non_negative_int(name: str):
-    def check(value: int) -> int:
-        if value < 0:
-            raise ValueError(f"mudsc parameter `{name}` must be >= 0; got {value}")
-        return value
-
-    return check
+def _rule(name: str, rule):
+    return typed("mudsc", name, rule)
 
 
 def _calibration(value: str) -> str:
@@ -102,33 +74,24 @@ def _saved(value: str) -> str:
     return value
 
 
-def _positive_float(name: str):
-    def check(value: float) -> float:
-        if value <= 0:
-            raise ValueError(f"mudsc parameter `{name}` must be > 0; got {value}")
-        return value
-
-    return check
-
-
 S = ParameterScope.SHARED
 PARAMETERS = (
     ParameterSpec("weight", float, ParameterScope.INPUT, default=1.0,
                   description="per-model coefficient of the (aligned) average"),
-    ParameterSpec("alpha", _checked(float, _alpha), S, default=0.5,
+    ParameterSpec("alpha", _rule("alpha", ALPHA), S, default=0.5,
                   description="weight on weight-space similarity; 1 = data-free"),
-    ParameterSpec("mode", _checked(str, _mode), S, default="align"),
-    ParameterSpec("iterations", _checked(int, _positive("iterations")), S, default=100),
-    ParameterSpec("patience", _checked(int, _positive("patience")), S, default=5),
-    ParameterSpec("seed", _checked(int, _non_negative_int("seed")), S, default=0),
+    ParameterSpec("mode", _rule("mode", MUDSC_MODE), S, default="align"),
+    ParameterSpec("iterations", _rule("iterations", AT_LEAST_ONE), S, default=100),
+    ParameterSpec("patience", _rule("patience", AT_LEAST_ONE), S, default=5),
+    ParameterSpec("seed", _rule("seed", NON_NEGATIVE), S, default=0),
     ParameterSpec("calibration", _checked(str, _calibration), S, default="",
                   description=".txt or .jsonl; empty = bundled English corpus"),
-    ParameterSpec("calibration_samples", _checked(int, _positive("calibration_samples")), S, default=64),
-    ParameterSpec("calibration_seq_len", _checked(int, _positive("calibration_seq_len")), S, default=128),
-    ParameterSpec("calibration_batch_size", _checked(int, _positive("calibration_batch_size")), S, default=8),
+    ParameterSpec("calibration_samples", _rule("calibration_samples", AT_LEAST_ONE), S, default=64),
+    ParameterSpec("calibration_seq_len", _rule("calibration_seq_len", AT_LEAST_ONE), S, default=128),
+    ParameterSpec("calibration_batch_size", _rule("calibration_batch_size", AT_LEAST_ONE), S, default=8),
     ParameterSpec("calibration_tokenizer", str, S, default="",
                   description="tokenizer path; empty = the first model's"),
-    ParameterSpec("max_stats_gib", _checked(float, _positive_float("max_stats_gib")), S, default=4.0,
+    ParameterSpec("max_stats_gib", _rule("max_stats_gib", POSITIVE), S, default=4.0,
                   description="activation statistics held at once; more passes if exceeded"),
     ParameterSpec("alignment", _checked(str, _saved), S, default="",
                   description="directory written by mergekit-mudsc-align; skips the search"),

@@ -30,10 +30,10 @@ from mergekit_drm.mudsc.matching import (
 )
 from mergekit_drm.mudsc.similarity import Comoments, blend, cross_blocks
 from mergekit_drm.mudsc.specs import Group, PermutationSpec, TensorSpec
+from mergekit_drm.parameters import ALPHA, MUDSC_MODE, check
 
 log = logging.getLogger(__name__)
 
-MODES = ("align", "zip")
 ZIP_PENALTY = 0.5  # ZipIt's `a`: a fused unit re-enters at half its similarity
 ZIP_BUDGET = 1.0  # ZipIt's `b`: same-model fusions allowed, per model
 
@@ -176,6 +176,15 @@ def match_group(group: Group, sims: Mapping[str, torch.Tensor], num_models: int,
 # --- the search -----------------------------------------------------------------------
 
 
+def _check_solve(options: SolverOptions, n: int, activation) -> None:
+    check(MUDSC_MODE, "mode", options.mode, "mudsc")
+    check(ALPHA, "alpha", options.alpha, "mudsc")
+    if n < 2:
+        raise ValueError("mudsc merges at least 2 models")
+    if options.alpha < 1.0 and activation is None:
+        raise ValueError("mudsc with alpha < 1 needs activation similarities (calibration data)")
+
+
 def solve(
     spec: PermutationSpec,
     weights: Sequence[Mapping[str, torch.Tensor]],
@@ -184,15 +193,8 @@ def solve(
     progress: Optional[Callable[[str], None]] = None,
 ) -> Alignment:
     """Maps for every group of ``spec`` (model 0 is the reference)."""
-    if options.mode not in MODES:
-        raise ValueError(f"mudsc `mode` must be one of {MODES}; got {options.mode!r}")
-    if not 0.0 <= options.alpha <= 1.0:
-        raise ValueError(f"mudsc `alpha` must be in [0, 1]; got {options.alpha}")
+    _check_solve(options, len(weights), activation)
     n = len(weights)
-    if n < 2:
-        raise ValueError("mudsc merges at least 2 models")
-    if options.alpha < 1.0 and activation is None:
-        raise ValueError("mudsc with alpha < 1 needs activation similarities (calibration data)")
     full = options.mode == "zip"
     groups = list(spec.groups.values())
     maps = identity_maps(spec, n)
@@ -238,19 +240,10 @@ def solve(
         scores = best_scores
     elif scores:
         history.append(float(np.mean(list(scores.values()))))
-    return Alignment(
-        n,
-        maps,
-        metadata={
-            "alpha": options.alpha,
-            "mode": options.mode,
-            "iterations": options.iterations,
-            "patience": options.patience,
-            "seed": options.seed,
-            "sweeps": sweeps,
-            "objective_history": history,
-            "group_scores": dict(scores),
-            "solve_seconds": time.perf_counter() - started,
-            "architecture": spec.architecture,
-        },
+    metadata = dict(
+        alpha=options.alpha, mode=options.mode, iterations=options.iterations,
+        patience=options.patience, seed=options.seed, sweeps=sweeps,
+        objective_history=history, group_scores=dict(scores),
+        solve_seconds=time.perf_counter() - started, architecture=spec.architecture,
     )
+    return Alignment(n, maps, metadata=metadata)

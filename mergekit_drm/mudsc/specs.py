@@ -296,6 +296,34 @@ def _gpt2(config: Any, names: Collection[str]) -> PermutationSpec:
     return b.finish(buffer_patterns=(r"attn\.(masked_)?bias$",))
 
 
+def _bert_heads(b: "_Builder", prefix: str, hidden: int, R) -> None:
+    """BERT's pooler + classifier (its own group when both exist) and masked-LM head."""
+    pooler = f"{prefix}pooler.dense.weight"
+    if b.has("classifier.weight") and b.has(pooler):
+        P = ("pooler", "unit", hidden)
+        b.group(Group("pooler", (("unit", hidden),),
+                      taps=(Tap("classifier", "input", "unit"),)))
+        b.tensor(pooler, _axis(0, "out", P), _axis(1, "in", R))
+        b.tensor(f"{prefix}pooler.dense.bias", _axis(0, "out", P))
+        b.tensor("classifier.weight", _axis(1, "in", P))
+        b.tensor("classifier.bias")
+    else:
+        # Pooler output is a model output here: its rows stay in place.
+        b.tensor(pooler, _axis(1, "in", R), required=False)
+        b.tensor(f"{prefix}pooler.dense.bias", required=False)
+        b.tensor("classifier.weight", _axis(1, "in", R), required=False)
+        b.tensor("classifier.bias", required=False)
+    # Masked-LM head: the decoder is tied to the word embeddings, so the
+    # transform's output lives in the residual permutation.
+    t = "cls.predictions.transform"
+    b.tensor(f"{t}.dense.weight", _axis(0, "out", R), _axis(1, "in", R), required=False)
+    for name in (f"{t}.dense.bias", f"{t}.LayerNorm.weight", f"{t}.LayerNorm.bias"):
+        b.tensor(name, _axis(0, "out", R), required=False)
+    b.tensor("cls.predictions.decoder.weight", _axis(1, "in", R), required=False)
+    b.tensor("cls.predictions.bias", required=False)
+    b.tensor("cls.predictions.decoder.bias", required=False)
+
+
 def _bert(config: Any, names: Collection[str]) -> PermutationSpec:
     b = _Builder(config.model_type, names)
     prefix = "bert." if any(n.startswith("bert.") for n in names) else ""
@@ -346,30 +374,7 @@ def _bert(config: Any, names: Collection[str]) -> PermutationSpec:
         for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
             for part in ("weight", "bias"):
                 b.tensor(f"{p}.{ln}.{part}", _axis(0, "out", R))
-    pooler = f"{prefix}pooler.dense.weight"
-    if b.has("classifier.weight") and b.has(pooler):
-        P = ("pooler", "unit", hidden)
-        b.group(Group("pooler", (("unit", hidden),),
-                      taps=(Tap("classifier", "input", "unit"),)))
-        b.tensor(pooler, _axis(0, "out", P), _axis(1, "in", R))
-        b.tensor(f"{prefix}pooler.dense.bias", _axis(0, "out", P))
-        b.tensor("classifier.weight", _axis(1, "in", P))
-        b.tensor("classifier.bias")
-    else:
-        # Pooler output is a model output here: its rows stay in place.
-        b.tensor(pooler, _axis(1, "in", R), required=False)
-        b.tensor(f"{prefix}pooler.dense.bias", required=False)
-        b.tensor("classifier.weight", _axis(1, "in", R), required=False)
-        b.tensor("classifier.bias", required=False)
-    # Masked-LM head: the decoder is tied to the word embeddings, so the
-    # transform's output lives in the residual permutation.
-    t = "cls.predictions.transform"
-    b.tensor(f"{t}.dense.weight", _axis(0, "out", R), _axis(1, "in", R), required=False)
-    for name in (f"{t}.dense.bias", f"{t}.LayerNorm.weight", f"{t}.LayerNorm.bias"):
-        b.tensor(name, _axis(0, "out", R), required=False)
-    b.tensor("cls.predictions.decoder.weight", _axis(1, "in", R), required=False)
-    b.tensor("cls.predictions.bias", required=False)
-    b.tensor("cls.predictions.decoder.bias", required=False)
+    _bert_heads(b, prefix, hidden, R)
     return b.finish(buffer_patterns=(r"position_ids$",))
 
 

@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from mergekit_drm.decompose import SvdMode
+from mergekit_drm.parameters import RANK_FRACTION, check, check_weights
 from mergekit_drm.subspace import Triplets, orthogonalized_factors, truncated_svd
 
 
@@ -33,8 +34,7 @@ def kept_rank(shape: Tuple[int, int], n_tasks: int, rank_fraction: Optional[floa
     r = min(shape)
     if rank_fraction is None:
         return max(1, r // n_tasks)
-    if not 0 < rank_fraction <= 1:
-        raise ValueError(f"rank_fraction must be in (0, 1], got {rank_fraction}")
+    check(RANK_FRACTION, "rank_fraction", rank_fraction)
     return max(1, int(math.floor(rank_fraction * r + 1e-9)))
 
 
@@ -63,8 +63,7 @@ def tsv_merge_matrix(
         raise ValueError("at least one delta is needed")
     n_tasks = len(stack)
     weights = [1.0] * n_tasks if weights is None else list(weights)
-    if len(weights) != n_tasks:
-        raise ValueError(f"expected {n_tasks} weights, got {len(weights)}")
+    check_weights(weights, n_tasks)
     shape = tuple(stack[0].shape)
     if len(shape) != 2:
         raise ValueError(f"TSV-M merges matrices, got a tensor of shape {shape}")

@@ -8,7 +8,8 @@ shared with ``iso_c``/``iso_cts`` in ``subspace_method.py``.
 from __future__ import annotations
 
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
-from mergekit_drm.subspace_method import SubspaceMerge, common_parameters, fraction, method_spec
+from mergekit_drm.parameters import RANK_FRACTION, typed
+from mergekit_drm.subspace_method import SubspaceMerge, common_parameters, method_spec
 from mergekit_drm.tsv_m.kernel import tsv_merge_matrix
 
 PRETTY_NAME = "TSV-M"
@@ -17,11 +18,7 @@ REFERENCE_URL = "https://arxiv.org/abs/2412.00081"
 PARAMETERS = common_parameters("tsv_m") + [
     ParameterSpec(
         "rank_fraction",
-        fraction(
-            "tsv_m", "rank_fraction",
-            "share of each matrix's rank kept per task; unset = 1 / number of models",
-            optional=True,
-        ),
+        typed("tsv_m", "rank_fraction", RANK_FRACTION, optional=True),
         ParameterScope.SHARED,
         default=None,
         description="per-task kept rank as a fraction of min(rows, cols) (paper: 1/T)",
