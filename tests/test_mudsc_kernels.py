@@ -575,7 +575,11 @@ def test_alignment_save_load_round_trip(tmp_path):
         "layers.0.attn": {s: [torch.arange(8), torch.from_numpy(rng.permutation(8))] for s in "qkvo"},
         "layers.0.mlp": {"unit": [torch.tensor([0, 1, 2, 2]), torch.tensor([3, 0, 1, 2])]},
     }
-    original = Alignment(2, maps, {"alpha": 0.5, "mode": "zip", "objective_history": [0.1, 0.2]})
+    provenance = {"identities": [{"names": "a"}, {"names": "b"}], "parameters": {"alpha": 0.5}}
+    with pytest.raises(ValueError, match="lacks identities, parameters"):
+        Alignment(2, maps, {"alpha": 0.5}).save(str(tmp_path / "unchecked"))
+    assert not (tmp_path / "unchecked").exists()
+    original = Alignment(2, maps, {"alpha": 0.5, "mode": "zip", "objective_history": [0.1, 0.2], **provenance})
     original.save(str(tmp_path / "al"))
     loaded = Alignment.load(str(tmp_path / "al"))
     assert loaded.num_models == 2
@@ -597,7 +601,8 @@ def test_alignment_save_load_round_trip(tmp_path):
 
 def test_alignment_save_with_shared_map_tensors(tmp_path):
     ident = torch.arange(3)
-    Alignment(2, {"g": {"unit": [ident, ident]}}).save(str(tmp_path / "s"))
+    provenance = {"identities": [{}, {}], "parameters": {}}
+    Alignment(2, {"g": {"unit": [ident, ident]}}, provenance).save(str(tmp_path / "s"))
     assert torch.equal(Alignment.load(str(tmp_path / "s")).maps["g"]["unit"][1], ident)
 
 

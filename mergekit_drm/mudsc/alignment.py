@@ -72,6 +72,14 @@ class Alignment:
     def save(self, directory: str) -> None:
         from safetensors.torch import save_file
 
+        missing = [key for key in ("identities", "parameters") if key not in self.metadata]
+        if missing:
+            # Without them a later merge could not tell whether the file fits its models.
+            raise ValueError(
+                f"mudsc: an alignment is saved with the models' identities and the parameters "
+                f"that shaped it; this one lacks {', '.join(missing)} (alignments computed by "
+                "the engine record both)"
+            )
         os.makedirs(directory, exist_ok=True)
         tensors = {
             f"{group}/{space}/{i}": index.to(torch.int64).contiguous().clone()
@@ -99,7 +107,14 @@ class Alignment:
         with open(meta_path) as handle:
             meta = json.load(handle)
         version = meta.get("format_version")
-        if version != FORMAT_VERSION or "identities" not in meta or "parameters" not in meta:
+        lacking = [key for key in ("identities", "parameters") if key not in meta]
+        if version == FORMAT_VERSION and lacking:
+            raise ValueError(
+                f"mudsc: saved alignment {directory!r} lacks {', '.join(lacking)} in "
+                "alignment.json, so its reuse cannot be checked; recompute it with "
+                "`mergekit-mudsc-align config.yml --alignment-out DIR`"
+            )
+        if version != FORMAT_VERSION:
             raise ValueError(
                 f"mudsc: {directory!r} has alignment format {version}, expected {FORMAT_VERSION}"
                 + (
