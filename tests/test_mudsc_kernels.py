@@ -615,7 +615,8 @@ def test_check_against_rejects_out_of_range_entries():
 def test_alignment_load_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="mergekit-mudsc-align"):
         Alignment.load(str(tmp_path))
-    Alignment(2, {"g": {"unit": [torch.arange(2), torch.arange(2)]}}).save(str(tmp_path / "x"))
+    provenance = {"identities": [{}, {}], "parameters": {}}
+    Alignment(2, {"g": {"unit": [torch.arange(2), torch.arange(2)]}}, provenance).save(str(tmp_path / "x"))
     (tmp_path / "x" / "alignment.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="mergekit-mudsc-align"):
         Alignment.load(str(tmp_path / "x"))
