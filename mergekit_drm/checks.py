@@ -19,7 +19,7 @@ import difflib
 import logging
 import os
 import sys
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -150,16 +150,6 @@ def check_parameter_names(config: Any, spec: Any) -> None:
     log.warning(
         "%s (set %s=error to refuse such a configuration)", text, UNKNOWN_PARAMETERS_ENV
     )
-
-
-def setting_values(config: Any, name: str) -> List[Tuple[str, Any]]:
-    """(where, raw setting) for every place ``name`` is set in a configuration."""
-    return [
-        (where, settings[name])
-        for where, _, settings in parameter_scopes(config)
-        if name in settings
-    ]
-
 
 
 def check_finite_stack(stack: torch.Tensor, *, method: str, what: str) -> None:

@@ -49,7 +49,6 @@ import torch
 
 EIGH_SOLVERS = ("torch", "numpy", "scipy-evd", "scipy-evr")
 GEMM_LIBRARIES = ("torch", "numpy")
-GRAM_KERNELS = ("torch-gemm", "blas-syrk")
 # Below this size the eigensolvers differ by milliseconds: no race.
 MIN_RACED_EIGH = 384
 
