@@ -283,8 +283,8 @@ NOTES = """## Notes
   shared directions dominate and the task-specific ones are weak. Flattening lifts the weak
   ones, Iso-C's argument, and it holds for DRM's merge too. But after flattening only the
   merge's singular subspaces are left of DRM, and they are no better than the sum's: the
-  isotropic drm ties or trails Iso-C, and at density 1 (closer to the plain sum) it was
-  lower on seed 0 (93.2 vs 94.1).
+  isotropic drm ties or trails Iso-C. DRM's pruning still matters before flattening: at
+  density 1 the isotropic drm is lower (93.4 ± 1.5 against 94.2 ± 1.2 at density 0.2).
 * **Why `total`.** A flat spectrum has 0.6-0.77 of the Frobenius norm of DRM's merge; the
   isotropic drm's best scale was ~2x the norm of the task-arithmetic sum (high-lambda row:
   lambda 2, 2, 1.5 inside the grid). These task vectors are nearly orthogonal (||sum|| ~ 2.3 x
