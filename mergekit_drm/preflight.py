@@ -211,3 +211,37 @@ def check_same_shapes(tensor_name: str, models: Sequence[Any]) -> None:
         "mismatched model from the YAML (or merge only models fine-tuned from the "
         "same base)."
     )
+
+
+def require_task_vectors(method: str, input_ids: Sequence[Hashable], base_id: Optional[Hashable], group_name: Optional[str]) -> None:
+    """A task-vector method (drm, tsv_m, iso_c, iso_cts) needs the base and one model besides it."""
+    where = f" (for {group_name})" if group_name else ""
+    if base_id is None or base_id not in input_ids:
+        raise ValueError(
+            f"{method} merges task vectors (fine-tuned minus base), so it needs the "
+            f"model the fine-tunes started from{where}: add `base_model: <path>` "
+            "to the YAML."
+        )
+    if len(input_ids) < 2:
+        raise ValueError(
+            f"{method} needs at least one model besides the base model{where}: list "
+            "the fine-tuned models under `models:`."
+        )
+
+
+def planning_checks(spec: Any, input_ids: Sequence[Hashable], group_name: Optional[str]) -> Optional[Any]:
+    """Parameter names per output slice; presence and shapes per tensor task.
+
+    Returns the planned tensor task (its resolved parameters), or None.
+    """
+    from mergekit_drm.checks import check_parameter_names, planned_configuration
+
+    if is_slice_call(group_name):
+        check_parameter_names(planned_configuration(), spec)
+        return None
+    if not group_name:
+        return None
+    task = planned_task()
+    check_present(group_name, input_ids, task)
+    check_same_shapes(group_name, input_ids)
+    return task

@@ -34,16 +34,10 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 from mergekit_drm.architectures import matrix_layout
-from mergekit_drm.checks import check_finite, check_parameter_names, planned_configuration
+from mergekit_drm.checks import check_finite
 from mergekit_drm.drm.kernel import resolve_compute_dtype
 from mergekit_drm.parameters import COMPUTE_DTYPE, SVD, typed
-from mergekit_drm.preflight import (
-    check_present,
-    check_same_shapes,
-    is_slice_call,
-    model_config,
-    planned_task,
-)
+from mergekit_drm.preflight import model_config, planning_checks, require_task_vectors
 
 def common_parameters(method: str) -> List[ParameterSpec]:
     return [
@@ -83,25 +77,9 @@ class SubspaceMerge(GroupMergeMethod):
         *,
         group_name: Optional[str] = None,
     ) -> None:
-        name = self.spec.name
-        where = f" (for {group_name})" if group_name else ""
-        if base_id is None or base_id not in input_ids:
-            raise ValueError(
-                f"{name} merges task vectors (fine-tuned minus base), so it needs the "
-                f"model the fine-tunes started from{where}: add `base_model: <path>` "
-                "to the YAML."
-            )
-        if len(input_ids) < 2:
-            raise ValueError(
-                f"{name} needs at least one model besides the base model{where}: list "
-                "the fine-tuned models under `models:`."
-            )
+        require_task_vectors(self.spec.name, input_ids, base_id, group_name)
         super().validate_inputs(input_ids, base_id, group_name=group_name)
-        if is_slice_call(group_name):
-            check_parameter_names(planned_configuration(), self.spec)
-        elif group_name:
-            check_present(group_name, input_ids, planned_task())
-            check_same_shapes(group_name, input_ids)
+        planning_checks(self.spec, input_ids, group_name)
 
     def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
         base = group.base.tensor

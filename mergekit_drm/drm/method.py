@@ -23,7 +23,7 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 from mergekit_drm.architectures import matrix_layout
-from mergekit_drm.checks import check_finite, check_parameter_names, planned_configuration
+from mergekit_drm.checks import check_finite
 from mergekit_drm.drm.kernel import drm_merge_matrix, elementwise_merge, resolve_compute_dtype
 from mergekit_drm.parameters import (
     COMPUTE_DTYPE,
@@ -36,13 +36,7 @@ from mergekit_drm.parameters import (
     SVD,
     typed,
 )
-from mergekit_drm.preflight import (
-    check_present,
-    check_same_shapes,
-    is_slice_call,
-    model_config,
-    planned_task,
-)
+from mergekit_drm.preflight import model_config, planning_checks, require_task_vectors
 
 PRETTY_NAME = "DRM"
 REFERENCE_URL = "https://arxiv.org/abs/2505.23117"
@@ -147,30 +141,14 @@ class DRMMerge(GroupMergeMethod):
         *,
         group_name: Optional[str] = None,
     ) -> None:
-        where = f" (for {group_name})" if group_name else ""
-        if base_id is None or base_id not in input_ids:
-            raise ValueError(
-                "drm merges task vectors (fine-tuned minus base), so it needs the "
-                f"model the fine-tunes started from{where}: add `base_model: <path>` "
-                "to the YAML."
-            )
-        if len(input_ids) < 2:
-            raise ValueError(
-                f"drm needs at least one model besides the base model{where}: list "
-                "the fine-tuned models under `models:`."
-            )
+        require_task_vectors("drm", input_ids, base_id, group_name)
         super().validate_inputs(input_ids, base_id, group_name=group_name)
-        if is_slice_call(group_name):
-            check_parameter_names(planned_configuration(), self.spec)
-        elif group_name:
-            task = planned_task()
-            check_present(group_name, input_ids, task)
-            check_same_shapes(group_name, input_ids)
-            if task is not None:
-                check_one_density(
-                    group_name,
-                    [task.input_parameters[m]["density"] for m in input_ids if m != base_id],
-                )
+        task = planning_checks(self.spec, input_ids, group_name)
+        if task is not None:
+            check_one_density(
+                group_name,
+                [task.input_parameters[m]["density"] for m in input_ids if m != base_id],
+            )
 
     def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
         base = group.base.tensor
