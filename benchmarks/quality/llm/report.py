@@ -321,6 +321,10 @@ def write(cache: Path, out: Path, quick: bool = False, notes: Sequence[str] = ()
         for name in sorted(timings):
             v = timings[name]
             lines.append(f"| {name} | {len(v)} | {statistics.median(v):.0f} | {max(v):.0f} |")
+        lines += ["", "Wall seconds of `run_merge` (or `mergekit-drm-lora`) alone, on a shared machine: the "
+                  "first LoRA merge also folds every adapter into the base (mergekit's LoRA cache), and a "
+                  "merge during which the run was paused by another job (SIGSTOP) counts the pause; "
+                  "medians are robust to both."]
         sec = _score_seconds(cache)
         if sec:
             lines += ["", f"Validation scoring of one merge (load + {len(tasks)} tasks): median "
