@@ -259,7 +259,9 @@ lambda values, chosen per seed by mean validation accuracy, one more point beyon
 differences are paired per seed (mean ± std, seeds positive / seeds). drm rows: vertical,
 density 0.2 unless named. The merges run each method's mergekit `merge_group` in-process,
 tensor by tensor (see the module docstring); drm-V, ties and tsv_m reproduce quality.md's
-per-seed lambdas and means (drm-V 91.0 ± 1.0 in both).
+per-seed lambdas and means (drm-V 91.0 ± 1.0 in both). `--check` on seed 0 (isotropic +
+norm_target total, lambda 1): the YAML path (`mergekit.merge.run_merge`) and the in-process
+merge give identical validation accuracy on all 5 tasks.
 
 Grids: drm-V and the drm option rows {0.7, 1, 1.5, 2} (run.py's); rows with `norm_target`
 {0.5, 0.7, 1, 1.4} (lambda 1 = the target norm); ties {0.7, 1, 1.5, 2}; tsv_m {0.3, 0.5, 1,
