@@ -35,7 +35,7 @@ from mergekit.merge_methods.base import (
 )
 from mergekit_drm.architectures import matrix_layout
 from mergekit_drm.checks import check_finite
-from mergekit_drm.drm.kernel import resolve_compute_dtype
+from mergekit_drm.drm.kernel import compute_dtype_for
 from mergekit_drm.parameters import COMPUTE_DTYPE, SVD, typed
 from mergekit_drm.preflight import model_config, planning_checks, require_task_vectors
 
@@ -91,12 +91,8 @@ class SubspaceMerge(GroupMergeMethod):
         )
         for entry in entries:
             check_finite(entry.tensor, method=self.spec.name, tensor_name=name, model=entry.id)
-        input_dtype = base.dtype
-        for entry in entries:
-            input_dtype = torch.promote_types(input_dtype, entry.tensor.dtype)
-        asked = params["compute_dtype"]
-        compute_dtype = resolve_compute_dtype(
-            None if asked == "auto" else getattr(torch, asked), input_dtype
+        compute_dtype = compute_dtype_for(
+            params["compute_dtype"], [base] + [entry.tensor for entry in entries]
         )
         weights = [params["weight"][entry.id] for entry in entries]
         base_c = base.to(compute_dtype)

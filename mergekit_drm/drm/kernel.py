@@ -231,6 +231,15 @@ def resolve_compute_dtype(compute_dtype, input_dtype: torch.dtype) -> torch.dtyp
     return torch.float64 if input_dtype == torch.float64 else torch.float32
 
 
+def compute_dtype_for(asked: str, tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype a method parameter ``compute_dtype`` ("auto" or a torch dtype
+    name) gives for these input tensors (the adapters' shared rule)."""
+    input_dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        input_dtype = torch.promote_types(input_dtype, tensor.dtype)
+    return resolve_compute_dtype(None if asked == "auto" else getattr(torch, asked), input_dtype)
+
+
 def _input_dtype(deltas) -> torch.dtype:
     if isinstance(deltas, torch.Tensor):
         return deltas.dtype

@@ -24,7 +24,7 @@ from mergekit.merge_methods.base import (
 )
 from mergekit_drm.architectures import matrix_layout
 from mergekit_drm.checks import check_finite
-from mergekit_drm.drm.kernel import drm_merge_matrix, elementwise_merge, resolve_compute_dtype
+from mergekit_drm.drm.kernel import compute_dtype_for, drm_merge_matrix, elementwise_merge
 from mergekit_drm.parameters import (
     COMPUTE_DTYPE,
     DENSITY,
@@ -162,12 +162,8 @@ class DRMMerge(GroupMergeMethod):
             check_finite(entry.tensor, method="drm", tensor_name=name, model=entry.id)
         densities = {params["density"][entry.id] for entry in entries}
         check_one_density(name, densities)
-        input_dtype = base.dtype
-        for entry in entries:
-            input_dtype = torch.promote_types(input_dtype, entry.tensor.dtype)
-        asked = params["compute_dtype"]
-        compute_dtype = resolve_compute_dtype(
-            None if asked == "auto" else getattr(torch, asked), input_dtype
+        compute_dtype = compute_dtype_for(
+            params["compute_dtype"], [base] + [entry.tensor for entry in entries]
         )
         weights = [params["weight"][entry.id] for entry in entries]
         base_c = base.to(compute_dtype)
