@@ -68,6 +68,20 @@ def closest(name: str, known: Iterable[str]) -> Optional[str]:
     return matches[0] if matches else None
 
 
+def caller_self(kind: type, depth: int) -> Optional[Any]:
+    """The first ``self`` of type ``kind`` among the ``depth`` frames above the
+    function that calls this one (mergekit hands methods no planning context)."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, kind):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
 def planned_configuration() -> Optional[Any]:
     """The ``MergeConfiguration`` mergekit is planning, if a planner is on the stack.
 
@@ -78,15 +92,8 @@ def planned_configuration() -> Optional[Any]:
     planner_type = getattr(plan, "MergePlanner", None)
     if planner_type is None:
         return None
-    frame = sys._getframe(1)
-    for _ in range(12):
-        if frame is None:
-            return None
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, planner_type):
-            return candidate.config
-        frame = frame.f_back
-    return None
+    planner = caller_self(planner_type, depth=12)
+    return None if planner is None else planner.config
 
 
 def parameter_scopes(config: Any) -> Iterator[Tuple[str, bool, Mapping[str, Any]]]:

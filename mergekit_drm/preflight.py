@@ -20,6 +20,8 @@ import sys
 import threading
 from typing import Any, Dict, Hashable, Optional, Sequence, Tuple
 
+from mergekit_drm.checks import caller_self
+
 _header_lock = threading.Lock()
 _headers: Dict[str, Dict[str, Tuple[int, ...]]] = {}
 
@@ -109,15 +111,7 @@ def planned_task() -> Optional[Any]:
     task_type = getattr(adapter, "ExecuteMergeMethodTask", None)
     if task_type is None:
         return None
-    frame = sys._getframe(1)
-    for _ in range(8):
-        if frame is None:
-            return None
-        task = frame.f_locals.get("self")
-        if isinstance(task, task_type):
-            return task
-        frame = frame.f_back
-    return None
+    return caller_self(task_type, depth=8)
 
 
 def input_weights(task: Any) -> Optional[Dict[Any, Any]]:
