@@ -125,7 +125,9 @@ class MergeStage:
         self.finetunes = [bench.finetune(kind, t, seed).resolve() for t in self.tasks]
         self.fingerprint = settings_hash({"kind": kind, "seed": seed,
                                           "finetunes": [p.name for p in self.finetunes]})
-        self.lora_cache = self.cache / "lora_merged"
+        # one fold cache per fine-tune setting: runs of different seeds may go
+        # on in parallel, and _clean_lora_cache must not touch another's folds
+        self.lora_cache = self.cache / "lora_merged" / f"{kind}-s{seed}"
 
     # ------------------------------------------------------------ references
     def own_scores(self) -> Dict[str, Dict[str, float]]:

@@ -2,7 +2,11 @@
 
     python -m benchmarks.quality.llm.run --stage finetunes   # fine-tunes + cross-task matrix
     python -m benchmarks.quality.llm.run --stage all         # + merges, report (benchmarks/results/llm.md)
+    python -m benchmarks.quality.llm.run --stage seed --seed 1   # one more LoRA seed (reuses seed 0's choices)
     python -m benchmarks.quality.llm.run --quick             # smoke run: 2 tasks, 1 seed, tiny budgets
+
+``--stage seed`` runs are independent of each other (their own fine-tunes,
+folds and results), so two seeds can run side by side with ``--threads 1``.
 
 Every step is cached under ``--cache`` (default ``benchmarks/quality/llm/cache``):
 rerunning resumes where an interrupted run stopped.
@@ -100,9 +104,11 @@ def run_merges(bench: Bench, kind: str, seed: int, labels: Sequence[str], *,
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--stage", default="finetunes", choices=["finetunes", "all"],
+    ap.add_argument("--stage", default="finetunes", choices=["finetunes", "all", "seed"],
                     help="finetunes: fine-tunes and their cross-task scores only; all: "
-                         "fine-tunes, merges and report, interleaved in priority order")
+                         "fine-tunes, merges and report, interleaved in priority order; "
+                         "seed: the LoRA fine-tunes and merges of --seed alone")
+    ap.add_argument("--seed", type=int, default=None, help="with --stage seed: which LoRA seed")
     ap.add_argument("--out", type=Path, default=None,
                     help="report folder (default: benchmarks/results; quick: <cache>/report)")
     ap.add_argument("--cache", type=Path, default=None)
@@ -124,6 +130,16 @@ def main(argv=None) -> None:
     elif args.stage == "finetunes":
         bench = Bench(args.cache or DEFAULT_CACHE, FULL, TASKS, log=log)
         run_finetunes(bench)
+    elif args.stage == "seed":
+        if args.seed is None or args.seed == LORA_SEEDS[0]:
+            ap.error(f"--stage seed needs --seed other than {LORA_SEEDS[0]} (seed {LORA_SEEDS[0]} "
+                     "chooses the tuned settings: run --stage all)")
+        bench = Bench(args.cache or DEFAULT_CACHE, FULL, TASKS, log=log)
+        out = args.out or report.RESULTS_DIR
+        update = lambda: report.write(bench.cache, out)
+        run_finetunes(bench, (args.seed,), ())
+        run_merges(bench, "lora", args.seed, TUNE_ORDER, chosen_from=LORA_SEEDS[0],
+                   route_check=False, on_update=update)
     else:
         bench = Bench(args.cache or DEFAULT_CACHE, FULL, TASKS, log=log)
         out = args.out or report.RESULTS_DIR
