@@ -36,6 +36,7 @@ from mergekit.merge_methods.base import (
 from mergekit_drm.architectures import matrix_layout
 from mergekit_drm.checks import check_finite
 from mergekit_drm.drm.kernel import compute_dtype_for
+from mergekit_drm.output_guard import CleansPartialOutput
 from mergekit_drm.parameters import COMPUTE_DTYPE, SVD, typed
 from mergekit_drm.preflight import model_config, planning_checks, require_task_vectors
 
@@ -62,7 +63,7 @@ def common_parameters(method: str) -> List[ParameterSpec]:
     ]
 
 
-class SubspaceMerge(GroupMergeMethod):
+class SubspaceMerge(CleansPartialOutput, GroupMergeMethod):
     """A per-matrix SVD merge of task vectors; subclasses set ``spec`` and ``merge_matrix``."""
 
     def merge_matrix(

@@ -245,3 +245,69 @@ def test_lora_cli_reports_misspelt_parameter_names(tmp_path, adapters, monkeypat
     out, result = _lora_run(tmp_path, base, list(paths.values()), {"rank_tl": 0.05}, name="refused")
     assert result.exit_code != 0 and "did you mean `rank_tol`?" in result.output
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- partial output
+LATE = "model.layers.1.mlp.down_proj.weight"
+
+
+def _run_sharded(config, out):
+    """Tiny shards: every few tensors go to disk before the next is merged,
+    so a failure late in the model comes after shards were written."""
+    run_merge(
+        MergeConfiguration.model_validate(config), str(out),
+        MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, out_shard_size=4096),
+    )
+
+
+def _removed_count(exc) -> int:
+    notes = " ".join(getattr(exc, "__notes__", []))
+    assert "mergekit-drm: the merge stopped" in notes, notes
+    return int(notes.split("so the ")[1].split(" partial")[0])
+
+
+@pytest.mark.parametrize("method", ["drm", "tsv_m"])
+def test_failure_mid_merge_removes_the_shards_it_wrote(models, tmp_path, method):
+    (base, ft1, ft2), _ = models
+    bad = _poisoned(ft2, str(tmp_path / "bad-ft"), LATE)
+    out = tmp_path / "out"
+    config = {**_config(base, [ft1, bad]), "merge_method": method}
+    if method != "drm":
+        config["parameters"] = {}
+    with pytest.raises(NonFiniteError) as info:
+        _run_sharded(config, out)
+    assert LATE in str(info.value)
+    assert _removed_count(info.value) >= 1  # shards had been written before the NaN was read
+    assert not out.exists()
+
+
+def test_failure_mid_merge_keeps_what_the_directory_held(models, tmp_path):
+    (base, ft1, ft2), _ = models
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    previous = out / "model-00001-of-00001.safetensors"
+    save_file({"w": torch.ones(3)}, str(previous))
+    before = previous.read_bytes()
+    bad = _poisoned(ft1, str(tmp_path / "bad-ft"), LATE)
+    with pytest.raises(NonFiniteError) as info:
+        _run_sharded(_config(base, [bad, ft2]), out)
+    assert _removed_count(info.value) >= 1
+    assert sorted(p.name for p in out.iterdir()) == ["model-00001-of-00001.safetensors", "notes.txt"]
+    assert previous.read_bytes() == before and (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_clean_merge_after_a_failed_one_is_complete(models, tmp_path):
+    """The snapshot belongs to one run: a later run to the same path starts afresh."""
+    (base, ft1, ft2), _ = models
+    out = tmp_path / "out"
+    bad = _poisoned(ft1, str(tmp_path / "bad-ft"), LATE)
+    with pytest.raises(NonFiniteError):
+        _run_sharded(_config(base, [bad, ft2]), out)
+    _run_sharded(_config(base, [ft1, ft2]), out)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and all("-of-" in name for name in shards)
+    merged = {}
+    for name in shards:
+        merged.update(load_file(str(out / name)))
+    assert torch.isfinite(merged[LATE]).all()

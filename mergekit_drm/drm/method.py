@@ -25,6 +25,7 @@ from mergekit.merge_methods.base import (
 from mergekit_drm.architectures import matrix_layout
 from mergekit_drm.checks import check_finite
 from mergekit_drm.drm.kernel import compute_dtype_for, drm_merge_matrix, elementwise_merge
+from mergekit_drm.output_guard import CleansPartialOutput
 from mergekit_drm.parameters import (
     COMPUTE_DTYPE,
     DENSITY,
@@ -123,7 +124,7 @@ def check_one_density(name: str, densities) -> None:
         )
 
 
-class DRMMerge(GroupMergeMethod):
+class DRMMerge(CleansPartialOutput, GroupMergeMethod):
     """Decom-Renorm-Merge as a mergekit group method."""
 
     spec = MergeMethodSpec(

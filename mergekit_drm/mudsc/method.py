@@ -43,6 +43,7 @@ from mergekit_drm.mudsc.engine import (
 )
 from mergekit_drm.preflight import is_slice_call, planned_task
 from mergekit_drm.mudsc.solver import SolverOptions
+from mergekit_drm.output_guard import CleansPartialOutput
 from mergekit_drm.parameters import ALPHA, AT_LEAST_ONE, MUDSC_MODE, NON_NEGATIVE, POSITIVE, typed
 
 PRETTY_NAME = "MuDSC"
@@ -118,7 +119,7 @@ def alignment_options(values: Mapping[str, Any]) -> Tuple[SolverOptions, Calibra
     return solver, calibration
 
 
-class MuDSCMerge(GroupMergeMethod):
+class MuDSCMerge(CleansPartialOutput, GroupMergeMethod):
     """Align units across models (dual-space similarity), then average."""
 
     spec = MergeMethodSpec(
