@@ -168,7 +168,7 @@ BUILT_IN = ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "de
 
 
 def _summary(collected: Dict, tasks) -> List[str]:
-    """Headline numbers, computed: best DRM vs best mergekit built-in vs TSV-M,
+    """Headline numbers, computed: best DRM vs best mergekit built-in vs TSV-M and Iso-C,
     with paired per-seed differences."""
     out = ["## Summary (computed from the tables below)", ""]
     for variant, title in (("full", "full fine-tunes"), ("lora", "LoRA fine-tunes")):
@@ -189,10 +189,11 @@ def _summary(collected: Dict, tasks) -> List[str]:
         parts = [f"**{title}** ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}): best DRM setting "
                  f"**{drm} {_ms(norm_per_seed(drm))}**, best mergekit built-in **{built} "
                  f"{_ms(norm_per_seed(built))}**"]
-        if "tsv_m" in names:
-            parts.append(f"TSV-M {_ms(norm_per_seed('tsv_m'))}")
+        for other, label in (("tsv_m", "TSV-M"), ("iso_c", "Iso-C")):
+            if other in names:
+                parts.append(f"{label} {_ms(norm_per_seed(other))}")
         line = ", ".join(parts) + " (normalized test accuracy %)."
-        for other in [built, "ties", "tsv_m"]:
+        for other in [built, "ties", "tsv_m", "iso_c"]:
             if other not in names or other == drm:
                 continue
             d = [a - b for a, b in zip(norm_per_seed(drm), norm_per_seed(other))]

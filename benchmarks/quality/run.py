@@ -59,6 +59,7 @@ LAMBDAS = {
     "iso_cts": [0.5, 0.75, 1.0, 1.5],
     "drm-V": [0.7, 1.0, 1.5, 2.0],
     "drm-H": [0.7, 1.0, 1.5, 2.0],
+    "drm-V-iso": [0.5, 0.75, 1.0, 1.5],
 }
 
 
@@ -76,13 +77,17 @@ def main_grid() -> Dict[str, List[Dict]]:
         "iso_cts": [("iso_cts", {"lambda": a}) for a in L["iso_cts"]],
         "drm-V": [("drm", {"direction": "vertical", "density": DENSITY, "lambda": l}) for l in L["drm-V"]],
         "drm-H": [("drm", {"direction": "horizontal", "density": DENSITY, "lambda": l}) for l in L["drm-H"]],
+        # drm's opt-in options (drm_options.md): isotropic merged spectrum, scaled to the
+        # sum of the task vectors' norms
+        "drm-V-iso": [("drm", {"direction": "vertical", "density": DENSITY, "isotropic": True,
+                               "norm_target": "total", "lambda": l}) for l in L["drm-V-iso"]],
     }
 
 
 # LoRA stage (time budget): the main competitors only. No iso_cts: for 5
 # rank-8 adapters the sum's rank (<= 40) is inside Iso-CTS's common subspace
 # (0.8 * 384 directions), the residuals are zero and it equals iso_c.
-LORA_METHODS = ("linear", "task_arithmetic", "ties", "tsv_m", "iso_c", "drm-V", "drm-H")
+LORA_METHODS = ("linear", "task_arithmetic", "ties", "tsv_m", "iso_c", "drm-V", "drm-H", "drm-V-iso")
 
 
 def _slug(method: str, params: Dict) -> str:
