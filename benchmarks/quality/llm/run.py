@@ -2,7 +2,7 @@
 
     python -m benchmarks.quality.llm.run --stage finetunes   # fine-tunes + cross-task matrix
     python -m benchmarks.quality.llm.run --stage all         # + merges, report (benchmarks/results/llm.md)
-    python -m benchmarks.quality.llm.run --stage seed --seed 1   # one more LoRA seed (reuses seed 0's choices)
+    python -m benchmarks.quality.llm.run --stage seed --seed 1   # one LoRA seed (1, 2 reuse seed 0's choices)
     python -m benchmarks.quality.llm.run --quick             # smoke run: 2 tasks, 1 seed, tiny budgets
 
 ``--stage seed`` runs are independent of each other (their own fine-tunes,
@@ -86,18 +86,19 @@ def run_merges(bench: Bench, kind: str, seed: int, labels: Sequence[str], *,
         path.write_text(json.dumps(summary, indent=1, sort_keys=True))
         on_update()
 
-    for label in labels:
-        summary["defaults"].update(stage.defaults([label], route_check=route_check and kind == "lora"))
-        save()
     chosen = None
     if chosen_from is not None:
         source = json.loads(results_path(bench, kind, chosen_from).read_text())["tuned"]
         chosen = {label: source[label]["params"] for label in labels if label in source}
-    for label in labels if tune is None else tune:
-        if chosen is not None and label not in chosen:
-            continue
-        summary["tuned"].update(stage.tuned([label], chosen))
+    tuned = labels if tune is None else tune
+    # Method by method, both tables: a run cut short has complete rows for
+    # the methods that come first in ``labels``.
+    for label in labels:
+        summary["defaults"].update(stage.defaults([label], route_check=route_check and kind == "lora"))
         save()
+        if label in tuned and (chosen is None or label in chosen):
+            summary["tuned"].update(stage.tuned([label], chosen))
+            save()
     return summary
 
 
@@ -109,6 +110,8 @@ def main(argv=None) -> None:
                          "fine-tunes, merges and report, interleaved in priority order; "
                          "seed: the LoRA fine-tunes and merges of --seed alone")
     ap.add_argument("--seed", type=int, default=None, help="with --stage seed: which LoRA seed")
+    ap.add_argument("--labels", default=",".join(TUNE_ORDER),
+                    help="with --stage seed: the methods, in order (default: all, headline first)")
     ap.add_argument("--out", type=Path, default=None,
                     help="report folder (default: benchmarks/results; quick: <cache>/report)")
     ap.add_argument("--cache", type=Path, default=None)
@@ -131,15 +134,18 @@ def main(argv=None) -> None:
         bench = Bench(args.cache or DEFAULT_CACHE, FULL, TASKS, log=log)
         run_finetunes(bench)
     elif args.stage == "seed":
-        if args.seed is None or args.seed == LORA_SEEDS[0]:
-            ap.error(f"--stage seed needs --seed other than {LORA_SEEDS[0]} (seed {LORA_SEEDS[0]} "
-                     "chooses the tuned settings: run --stage all)")
+        labels = [label for label in args.labels.split(",") if label]
+        unknown = sorted(set(labels) - set(TUNE_ORDER))
+        if args.seed is None or unknown:
+            ap.error(f"--stage seed needs --seed, and --labels from {', '.join(TUNE_ORDER)}"
+                     + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
         bench = Bench(args.cache or DEFAULT_CACHE, FULL, TASKS, log=log)
         out = args.out or report.RESULTS_DIR
         update = lambda: report.write(bench.cache, out)
         run_finetunes(bench, (args.seed,), ())
-        run_merges(bench, "lora", args.seed, TUNE_ORDER, chosen_from=LORA_SEEDS[0],
-                   route_check=False, on_update=update)
+        first = args.seed == LORA_SEEDS[0]  # seed 0 tunes on validation; the others reuse its choices
+        run_merges(bench, "lora", args.seed, labels, chosen_from=None if first else LORA_SEEDS[0],
+                   route_check=first, on_update=update)
     else:
         bench = Bench(args.cache or DEFAULT_CACHE, FULL, TASKS, log=log)
         out = args.out or report.RESULTS_DIR
