@@ -122,13 +122,14 @@ def remove_partial_output(exc: BaseException) -> None:
             removed_dir = True
         except OSError:
             pass
-    if removed or removed_dir:
-        exc.add_note(
-            f"mergekit-drm: the merge stopped, so the {len(removed)} partial file(s) it had "
-            f"written to {path} were removed"
-            + (" along with the directory, which this merge had created." if removed_dir
-               else "; files that were there before are untouched.")
-        )
+    files = f"the {len(removed)} partial file(s) it had written"
+    if removed_dir:
+        what = f"{files} and the output directory {path}, which it had created," if removed else \
+            f"the output directory {path}, which it had created and left empty,"
+        exc.add_note(f"mergekit-drm: the merge stopped, so {what} {'were' if removed else 'was'} removed.")
+    elif removed:
+        exc.add_note(f"mergekit-drm: the merge stopped, so {files} to {path} were removed; "
+                     "files that were there before are untouched.")
 
 
 class CleansPartialOutput:
