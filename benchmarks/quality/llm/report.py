@@ -22,7 +22,7 @@ from .merges import METHOD_ORDER, mean_normalized, methods
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE.parent.parent / "results"
 BUILT_IN = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della")
-OURS = ("drm-V", "drm-H")
+OURS = ("drm-V", "drm-H", "drm-V-iso")
 PACKAGE_BASELINES = ("tsv_m", "iso_c", "iso_cts")
 
 
@@ -284,6 +284,11 @@ def write(cache: Path, out: Path, quick: bool = False, notes: Sequence[str] = ()
                 lines += [f"Paired differences to the best built-in here (`{ref}`), normalized test points "
                           "(mean ± std; wins):", "", "| method | difference | wins |", "|---|---|---|"]
                 lines += _paired(group, table, ref) + [""]
+            if any("tsv_m" in s.get(table, {}) for s in group):
+                rows = [r for r in _paired(group, table, "tsv_m")
+                        if r.split(" | ")[0].lstrip("| ") in OURS + PACKAGE_BASELINES]
+                lines += ["Paired differences to `tsv_m` (the strongest SVD baseline), this package's "
+                          "methods:", "", "| method | difference | wins |", "|---|---|---|"] + rows + [""]
 
     # ---- defaults' sources, grids
     if tasks:
