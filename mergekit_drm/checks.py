@@ -23,6 +23,8 @@ from typing import Any, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
+from mergekit_drm.parameters import REMOVED
+
 log = logging.getLogger(__name__)
 
 # "warn" (default) logs unknown parameter names, "error" refuses the merge.
@@ -123,10 +125,16 @@ def parameter_name_problems(config: Any, spec: Any) -> List[str]:
     """One sentence per parameter name the method would silently ignore."""
     known = {p.name for p in spec.parameters}
     per_model = {p.name for p in spec.input_parameters}
+    removed = REMOVED.get(spec.name, {})
     problems = []
     for where, is_model, settings in parameter_scopes(config):
         for key in settings:
-            if key not in known:
+            if key in removed:
+                problems.append(
+                    f"`{key}` under {where} was removed from {spec.name} in this version: "
+                    f"{removed[key]}, so it would be ignored"
+                )
+            elif key not in known:
                 guess = closest(key, known)
                 hint = f"; did you mean `{guess}`?" if guess else ""
                 problems.append(

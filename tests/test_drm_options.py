@@ -1,12 +1,9 @@
-"""DRM's opt-in options (rank_budget, whiten, isotropic, norm_target) against a numpy oracle, plus properties.
+"""DRM's opt-in options (isotropic, norm_target) against a numpy oracle, plus properties.
 
 The oracle is written from the options' definitions (README, ``drm/options.py``
 docstrings), on top of the paper's steps as the kernel oracle states them:
-joint SVD and rank cut; per-model budget of joint directions ranked by
-sigma_j * nu_{j,t}; renormalization; per-direction polar factor of the
-models' rows (directions below 2e-5 of the block's largest singular value
-left out); joint pruning, sigma~ scaling, election, disjoint mean; the merged
-coordinates' spectrum set to its mean; Frobenius norm set to the mean of the
+joint SVD and rank cut; renormalization; joint pruning, sigma~ scaling,
+election, disjoint mean; the merged coordinates' spectrum set to its mean; Frobenius norm set to the mean of the
 task vectors' norms (projected on the kept basis) or the norm of their sum.
 """
 
@@ -19,7 +16,6 @@ import pytest
 import torch
 
 from mergekit_drm.drm.kernel import drm_merge_matrix, elementwise_merge
-from mergekit_drm.drm.options import rank_budget_mask, whiten_directions
 from mergekit_drm.lora.lowrank import LoraFactors, drm_merge_lowrank
 from tests.test_drm_kernel_oracle import oracle_elect_mean, oracle_keep_count, oracle_top_mask
 from tests.test_lora_cli import llama64  # noqa: F401 (fixture)
@@ -28,7 +24,7 @@ EPS64 = float(np.finfo(np.float64).eps)
 
 
 def oracle(deltas, weights=None, *, direction="vertical", density=1.0, rank_tol=0.0,
-           rank_budget=1.0, whiten=False, isotropic=False, norm_target="none", info=None):
+           isotropic=False, norm_target="none", info=None):
     mats = [np.asarray(d, dtype=np.float64) for d in deltas]
     if direction == "vertical":  # DRM-V is DRM-H of the transposes
         mats = [d.T for d in mats]
@@ -50,21 +46,8 @@ def oracle(deltas, weights=None, *, direction="vertical", density=1.0, rank_tol=
         target = np.sum([abs(w) * np.linalg.norm(p) for w, p in zip(lam, projected)])
     nu = np.linalg.norm(vecs, axis=2)
     significant = (nu > math.sqrt(EPS64)) & active[:, None]
-    if rank_budget < 1:
-        budget = math.ceil(rank_budget * r - 1e-9)
-        energy = np.where(significant, s[None, :] * nu, 0.0)
-        for t in range(n_models):
-            top = np.argsort(-energy[t], kind="stable")[:budget]
-            chosen = np.zeros(r, dtype=bool)
-            chosen[top] = True
-            significant[t] &= chosen
     coords = np.where(significant[:, :, None], vecs / np.where(significant, nu, 1.0)[:, :, None], 0.0)
     sig_t = np.where(significant, s[None, :] * nu, 0.0)
-    if whiten:
-        for j in range(r):
-            pu, ps, pvt = np.linalg.svd(coords[:, j, :], full_matrices=False)
-            k = int(np.sum(ps > 2e-5 * ps[0])) if ps[0] > 0 else 0
-            coords[:, j, :] = pu[:, :k] @ pvt[:k]
     keep = oracle_keep_count(density, coords.size)
     mask = oracle_top_mask(coords, keep)
     if info is not None:
@@ -93,13 +76,11 @@ def _kernel(deltas, weights=None, **kw):
 
 
 OPTIONS = [
-    {"rank_budget": 0.4},
-    {"whiten": True},
     {"isotropic": True},
     {"norm_target": "mean"},
     {"norm_target": "sum"},
     {"isotropic": True, "norm_target": "total"},
-    {"whiten": True, "isotropic": True, "norm_target": "mean", "rank_budget": 0.6},
+    {"isotropic": True, "norm_target": "mean"},
 ]
 
 
@@ -120,8 +101,8 @@ def test_options_match_oracle(direction, density, options):
 def test_defaults_are_the_paper():
     deltas = [torch.from_numpy(d) for d in _deltas(5)]
     faithful = drm_merge_matrix(deltas, compute_dtype=torch.float64)
-    explicit = drm_merge_matrix(deltas, compute_dtype=torch.float64, rank_budget=1.0,
-                                whiten=False, isotropic=False, norm_target="none")
+    explicit = drm_merge_matrix(deltas, compute_dtype=torch.float64, isotropic=False,
+                                norm_target="none")
     assert torch.equal(faithful, explicit)
 
 
@@ -155,46 +136,6 @@ def test_norm_targets(direction):
     assert cosine == pytest.approx(1.0, abs=1e-12)
 
 
-def test_rank_budget_keeps_each_models_own_subspace():
-    """Models living in orthogonal subspaces: a budget of their own share changes nothing,
-    a smaller one keeps each model's strongest directions only."""
-    rng = np.random.default_rng(4)
-    q, _ = np.linalg.qr(rng.standard_normal((12, 12)))
-    p, _ = np.linalg.qr(rng.standard_normal((10, 10)))
-    deltas = []
-    for t in range(3):  # model t: rank 3 in output dirs 3t..3t+2 and input dirs 3t..3t+2
-        s = np.diag([4.0 + t, 2.0 + t / 3, 1.0 + t / 7])
-        deltas.append(q[:, 3 * t:3 * t + 3] @ s @ p[:, 3 * t:3 * t + 3].T)
-    tens = [torch.from_numpy(d) for d in deltas]
-    plain = drm_merge_matrix(tens, compute_dtype=torch.float64, density=1.0)
-    same = drm_merge_matrix(tens, compute_dtype=torch.float64, density=1.0, rank_budget=1 / 3)
-    torch.testing.assert_close(same, plain, rtol=1e-10, atol=1e-12)
-    top1 = drm_merge_matrix(tens, compute_dtype=torch.float64, density=1.0, rank_budget=1 / 9)
-    want = sum(q[:, 3 * t:3 * t + 1] * (4.0 + t) @ p[:, 3 * t:3 * t + 1].T for t in range(3))
-    np.testing.assert_allclose(top1.numpy(), want, rtol=1e-9, atol=1e-12)
-
-
-def test_rank_budget_mask_ties_and_zero_energy():
-    energy = torch.tensor([[1.0, 3.0, 3.0, 0.0], [0.0, 0.0, 0.0, 2.0]])
-    mask = rank_budget_mask(energy, 0.5)
-    assert mask.tolist() == [[False, True, True, False], [False, False, False, True]]
-
-
-def test_whiten_identical_models_count_once():
-    """N identical models: whitened rows share one unit of length, so at density 1
-    the merge is the plain one divided by sqrt(N); orthogonal rows are left alone."""
-    d = torch.from_numpy(_deltas(6, n_models=1)[0])
-    for n_models in (2, 3):
-        plain = drm_merge_matrix([d] * n_models, compute_dtype=torch.float64, density=1.0)
-        white = drm_merge_matrix([d] * n_models, compute_dtype=torch.float64, density=1.0, whiten=True)
-        torch.testing.assert_close(white, plain / math.sqrt(n_models), rtol=1e-10, atol=1e-12)
-    rows = torch.zeros(3, 2, 6, dtype=torch.float64)
-    rows[0, :, 0] = 1.0
-    rows[1, :, 1] = -1.0
-    rows[2, 0, 2] = 1.0  # model 2 absent from direction 1: its zero row stays zero
-    torch.testing.assert_close(whiten_directions(rows), rows)
-
-
 @pytest.mark.parametrize("direction", ["vertical", "horizontal"])
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(f"{k}={v}" for k, v in o.items()))
 def test_lowrank_path_matches_dense(direction, options):
@@ -221,8 +162,6 @@ def test_elementwise_norm_target():
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    ({"rank_budget": 0.0}, "rank_budget"),
-    ({"rank_budget": 1.5}, "rank_budget"),
     ({"norm_target": "median"}, "norm_target"),
 ])
 def test_kernel_rejects_bad_options(kwargs, needle):
@@ -243,8 +182,7 @@ def test_method_passes_options_to_the_kernel():
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(8, 6, generator=gen)
     fts = [base + 0.1 * torch.randn(8, 6, generator=gen) for _ in range(3)]
-    params = {"density": 0.5, "rank_budget": 0.5, "whiten": True, "isotropic": True,
-              "norm_target": "mean", "lambda": 0.7}
+    params = {"density": 0.5, "isotropic": True, "norm_target": "mean", "lambda": 0.7}
     group = TensorGroup.from_tensors([base] + fts, base_index=0, name="mlp.down_proj.weight")
     (out,) = drm_merge_method([group], parameters=params)
     kernel_kw = {k: v for k, v in params.items() if k != "lambda"}
@@ -257,8 +195,6 @@ def test_method_passes_options_to_the_kernel():
 
 
 @pytest.mark.parametrize("params, needles", [
-    ({"rank_budget": 0.0}, ("`rank_budget`", "(0, 1]")),
-    ({"rank_budget": 2.0}, ("`rank_budget`", "(0, 1]")),
     ({"norm_target": "median"}, ("`norm_target`", "none, mean, sum, total", "median")),
 ])
 def test_bad_option_fails_before_output(tmp_path, params, needles):
@@ -291,8 +227,8 @@ def test_lora_cli_with_options_equals_mergekit_route(tmp_path, llama64):
     from tests.test_lora_cli import TOL, applied_state, rel, run_cli, run_route1, yaml_config
 
     base, paths = llama64
-    params = {"direction": "vertical", "density": 0.4, "compute_dtype": "float64", "rank_budget": 0.5,
-              "whiten": True, "isotropic": True, "norm_target": "mean", "lambda": 0.8}
+    params = {"direction": "vertical", "density": 0.4, "compute_dtype": "float64",
+              "isotropic": True, "norm_target": "mean", "lambda": 0.8}
     config = yaml_config(base, list(paths.values()), [1.0, 0.6, 1.4, 1.0], params, dtype="float64")
     route1 = run_route1(tmp_path, config)
     out, _ = run_cli(tmp_path, config)

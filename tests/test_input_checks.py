@@ -169,6 +169,24 @@ def test_misspelt_parameter_names_are_reported_with_the_closest_name(models, tmp
     assert not out.exists()
 
 
+def test_removed_parameter_names_say_why_instead_of_a_near_name(models, tmp_path, monkeypatch):
+    """`whiten` and `rank_budget` were drm options until they lost on the benchmark: the message
+    says so (difflib alone would offer `rank_tol` for `rank_budget`) and names the results file."""
+    (base, ft1, ft2), _ = models
+    monkeypatch.setenv(UNKNOWN_PARAMETERS_ENV, "error")
+    out = tmp_path / "refused"
+    with pytest.raises(ValueError) as info:
+        _run(_config(base, [ft1, ft2], whiten=True, rank_budget=0.2), out)
+    message = str(info.value)
+    for name in ("whiten", "rank_budget"):
+        assert f"`{name}` under parameters was removed from drm in this version" in message, message
+    assert "did you mean" not in message and "did not improve merges" in message
+    results = "benchmarks/results/drm_options.md"
+    assert results in message
+    assert os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(__file__)), results))
+    assert not out.exists()
+
+
 def test_known_parameter_names_are_not_reported(models, tmp_path, caplog, monkeypatch):
     (base, ft1, ft2), _ = models
     monkeypatch.setenv(UNKNOWN_PARAMETERS_ENV, "error")
@@ -244,6 +262,16 @@ def test_lora_cli_reports_misspelt_parameter_names(tmp_path, adapters, monkeypat
     monkeypatch.setenv(UNKNOWN_PARAMETERS_ENV, "error")
     out, result = _lora_run(tmp_path, base, list(paths.values()), {"rank_tl": 0.05}, name="refused")
     assert result.exit_code != 0 and "did you mean `rank_tol`?" in result.output
+    assert not out.exists()
+
+
+def test_lora_cli_says_a_removed_parameter_was_removed(tmp_path, adapters, monkeypatch):
+    base, paths = adapters
+    monkeypatch.setenv(UNKNOWN_PARAMETERS_ENV, "error")
+    out, result = _lora_run(tmp_path, base, list(paths.values()), {"rank_budget": 0.2}, name="refused")
+    assert result.exit_code != 0
+    assert "`rank_budget` under parameters was removed from drm" in result.output, result.output
+    assert "did you mean" not in result.output
     assert not out.exists()
 
 

@@ -36,14 +36,8 @@ import torch
 from mergekit_drm.checks import check_finite_stack
 from mergekit_drm.decompose import SvdMode, low_rank_factors
 from mergekit_drm.linalg_backends import matmul, stage
-from mergekit_drm.parameters import DENSITY, DIRECTION, NORM_TARGET, RANK_BUDGET, RANK_TOL, check, check_weights
-from mergekit_drm.drm.options import (
-    flatten_spectrum,
-    rank_budget_mask,
-    rescale_to,
-    target_norm,
-    whiten_directions,
-)
+from mergekit_drm.parameters import DENSITY, DIRECTION, NORM_TARGET, RANK_TOL, check, check_weights
+from mergekit_drm.drm.options import flatten_spectrum, rescale_to, target_norm
 
 Direction = Literal["vertical", "horizontal"]
 
@@ -128,8 +122,6 @@ def merge_in_basis(
     renorm: bool,
     sign_election: bool,
     disjoint: bool,
-    rank_budget: float = 1.0,
-    whiten: bool = False,
     isotropic: bool = False,
     norm_target: str = "none",
 ) -> torch.Tensor:
@@ -139,7 +131,7 @@ def merge_in_basis(
     basis @ diag(sigma) @ coords[t]; ``active`` (N,) marks models whose delta
     is not exactly zero. Renormalize, prune jointly, scale by sigma~, elect,
     weight, disjoint mean. Shared by the dense kernel and the LoRA path.
-    The last four arguments are the opt-in additions of ``options.py``; their
+    The last two arguments are the opt-in additions of ``options.py``; their
     defaults are the paper's merge.
     """
     n_models = coords.shape[0]
@@ -148,9 +140,6 @@ def merge_in_basis(
     target = None
     if norm_target != "none":
         target = target_norm(coords, sigma, weights, active, norm_target)
-    if rank_budget < 1.0:
-        energy = sigma.unsqueeze(0) * norms * significant
-        significant = significant & rank_budget_mask(energy, rank_budget)
     if renorm:
         safe = torch.where(significant, norms, torch.ones_like(norms))
         # Divide (not multiply by a reciprocal): a length-1 coordinate vector
@@ -160,8 +149,6 @@ def merge_in_basis(
     else:
         coords = coords * significant.unsqueeze(2)
         scales = sigma.unsqueeze(0).expand(n_models, -1)
-    if whiten:
-        coords = whiten_directions(coords)
     mask = keep_top_magnitude(coords, density)
     contributions = coords.mul_(mask).mul_(scales.unsqueeze(2))
     del mask
@@ -214,9 +201,8 @@ def _merge_shared_left_basis(
         return matmul(basis, merged)
 
 
-def check_joint_options(rank_budget: float, norm_target: str) -> None:
+def check_joint_options(norm_target: str) -> None:
     """Range checks of the opt-in additions (``options.py``)."""
-    check(RANK_BUDGET, "rank_budget", rank_budget)
     check(NORM_TARGET, "norm_target", norm_target)
 
 
@@ -271,8 +257,6 @@ def drm_merge_matrix(
     scale: float = 1.0,
     compute_dtype: torch.dtype | None = None,
     svd: SvdMode = "auto",
-    rank_budget: float = 1.0,
-    whiten: bool = False,
     isotropic: bool = False,
     norm_target: str = "none",
 ) -> torch.Tensor:
@@ -281,12 +265,12 @@ def drm_merge_matrix(
     ``deltas`` are in ``nn.Linear`` layout (output, input); the result is in
     ``compute_dtype`` (default: the inputs' precision, at least float32: SVDs
     of bf16/fp16 are unsafe; ``resolve_compute_dtype``).
-    ``rank_budget``, ``whiten``, ``isotropic`` and ``norm_target`` are the
-    opt-in additions of ``options.py`` (defaults: the paper).
+    ``isotropic`` and ``norm_target`` are the opt-in additions of
+    ``options.py`` (defaults: the paper).
     """
     compute_dtype = resolve_compute_dtype(compute_dtype, _input_dtype(deltas))
     check_matrix_options(direction, density, rank_tol, compute_dtype)
-    check_joint_options(rank_budget, norm_target)
+    check_joint_options(norm_target)
     # Read-only below: the factorization never writes to the stack.
     stack = _stack(deltas, compute_dtype, writable=False)
     if stack.dim() != 3:
@@ -305,8 +289,6 @@ def drm_merge_matrix(
         sign_election=sign_election,
         disjoint=disjoint,
         svd=svd,
-        rank_budget=rank_budget,
-        whiten=whiten,
         isotropic=isotropic,
         norm_target=norm_target,
     )
@@ -336,7 +318,7 @@ def elementwise_merge(
     its default, no trim, is reproduced exactly. ``norm_target`` rescales the
     result as on the SVD path (``options.target_norm``, on the untrimmed deltas).
     """
-    check_joint_options(1.0, norm_target)
+    check_joint_options(norm_target)
     compute_dtype = resolve_compute_dtype(compute_dtype, _input_dtype(deltas))
     stack = _stack(deltas, compute_dtype, writable=True)
     check_finite_stack(stack, method="elementwise_merge", what="delta")

@@ -32,7 +32,6 @@ from mergekit_drm.parameters import (
     DIRECTION,
     NONLINEAR_DENSITY,
     NORM_TARGET,
-    RANK_BUDGET,
     RANK_TOL,
     SVD,
     typed,
@@ -91,17 +90,6 @@ PARAMETERS = (
         description="auto = the inputs' precision, at least float32 (float64 checkpoints compute in float64)",
     ),
     # Opt-in additions beyond the paper (drm/options.py); defaults = the paper.
-    ParameterSpec(
-        "rank_budget",
-        _rule("rank_budget", RANK_BUDGET),
-        ParameterScope.SHARED,
-        default=1.0,
-        description="each model keeps only its top fraction of joint directions (1 = off)",
-    ),
-    ParameterSpec(
-        "whiten", bool, ParameterScope.SHARED, default=False,
-        description="replace the models' coordinate rows on each joint direction by the nearest orthonormal rows",
-    ),
     ParameterSpec(
         "isotropic", bool, ParameterScope.SHARED, default=False,
         description="flatten the merged matrix's singular values to their mean (Iso-C after DRM)",
@@ -216,8 +204,6 @@ class DRMMerge(CleansPartialOutput, GroupMergeMethod):
             disjoint=params["disjoint"],
             compute_dtype=compute_dtype,
             svd=params["svd"],
-            rank_budget=params["rank_budget"],
-            whiten=params["whiten"],
             isotropic=params["isotropic"],
             norm_target=params["norm_target"],
         )

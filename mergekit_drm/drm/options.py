@@ -5,65 +5,23 @@ coordinates in the shared basis, the singular values, the merged
 coordinates), so the dense kernel and the LoRA path get them alike, and each
 is off by default (the merge is then the paper's). Plain tensors only.
 
-* ``rank_budget_mask``: each model keeps only its own top fraction of the
-  joint directions, ranked by its energy sigma~ there (TSV-M's "each task
-  gets its share of the rank", inside DRM's shared basis).
-* ``whiten_directions``: per joint direction, the models' coordinate rows
-  are replaced by the nearest set of orthonormal rows (TSV-M's polar-factor
-  decorrelation, applied where DRM's models meet: on a shared direction).
 * ``flatten_spectrum``: the merged matrix's singular values are replaced by
   their mean (Iso-C's isotropic spectrum, applied after DRM's merge).
 * ``target_norm``: a data-free scale: the Frobenius norm the merged delta is
   rescaled to, the mean of the task vectors' norms, the norm of their sum, or
   the sum of their norms.
+
+Two more ideas were measured and dropped because they did not win (per-model
+rank budgets, whitening the models' rows per joint direction; see
+benchmarks/results/drm_options.md).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from mergekit_drm.parameters import NORM_TARGET, check
-from mergekit_drm.subspace import POLAR_RANK_TOL, truncated_svd
-
-
-def rank_budget_mask(energy: torch.Tensor, fraction: float) -> torch.Tensor:
-    """(N, r) mask keeping, per model, its ceil(fraction * r) directions of largest energy.
-
-    ``energy`` (N, r) is sigma~ (sigma_j times the model's share of direction
-    j); directions where a model has zero energy stay out even inside its
-    budget. Ties are broken by direction index (lower first).
-    """
-    n_models, rank = energy.shape
-    keep = min(rank, max(1, math.ceil(fraction * rank - 1e-9)))
-    if keep >= rank:
-        return energy > 0
-    # Stable descending sort: equal energies keep their direction order.
-    order = torch.sort(energy, dim=1, descending=True, stable=True).indices[:, :keep]
-    mask = torch.zeros_like(energy, dtype=torch.bool)
-    mask.scatter_(1, order, True)
-    return mask & (energy > 0)
-
-
-def whiten_directions(coords: torch.Tensor) -> torch.Tensor:
-    """Per direction j, the N x q block of the models' rows -> its polar factor (float64).
-
-    Row block X_j = coords[:, j, :] = P S Q^T becomes P Q^T: the orthonormal
-    rows nearest to X_j. Directions of X_j with a singular value below
-    ``POLAR_RANK_TOL`` of its largest are linear dependences (two models with
-    the same row) and are left out, as in the TSV-M/Iso-CTS polar factor, so
-    a zero row (a model absent from direction j) stays zero and identical rows
-    share one unit of length instead of counting twice.
-    """
-    n_models, rank, q = coords.shape
-    if rank == 0:
-        return coords
-    blocks = coords.to(torch.float64).permute(1, 0, 2)  # (r, N, q)
-    u, s, vh = torch.linalg.svd(blocks, full_matrices=False)
-    keep = s > POLAR_RANK_TOL * s[:, :1]
-    polar = (u * keep.unsqueeze(1).to(u.dtype)) @ vh
-    return polar.permute(1, 0, 2).to(coords.dtype).contiguous()
+from mergekit_drm.subspace import truncated_svd
 
 
 def flatten_spectrum(merged: torch.Tensor) -> torch.Tensor:

@@ -230,8 +230,6 @@ def drm_merge_lowrank(
     scale: float = 1.0,
     compute_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-    rank_budget: float = 1.0,
-    whiten: bool = False,
     isotropic: bool = False,
     norm_target: str = "none",
 ) -> Factors:
@@ -243,22 +241,21 @@ def drm_merge_lowrank(
     dense route). Returns (B', A') with B' @ A' equal to
     ``drm_merge_matrix(folded deltas, weights, ...) * scale`` up to rounding;
     B' is n x r', A' is r' x m with r' the number of singular values kept
-    (possibly 0). ``rank_budget``, ``whiten``, ``isotropic`` and
-    ``norm_target`` are the kernel's opt-in additions, exact here too: they
-    act on the joint-space coordinates, which the factors give exactly.
+    (possibly 0). ``isotropic`` and ``norm_target`` are the kernel's opt-in
+    additions, exact here too: they act on the joint-space coordinates, which
+    the factors give exactly.
     """
     compute_dtype, weights_t, device = prepare_lowrank(
         adapters, weights, shape, compute_dtype, device, method="drm_merge_lowrank"
     )
     check_matrix_options(direction, density, rank_tol, compute_dtype)
-    check_joint_options(rank_budget, norm_target)
+    check_joint_options(norm_target)
     n, m = shape
 
     lefts, rights = _oriented(adapters, direction, device, compute_dtype)
     kwargs = dict(
         density=density, rank_tol=rank_tol, renorm=renorm, sign_election=sign_election,
-        disjoint=disjoint, dtype=compute_dtype, rank_budget=rank_budget, whiten=whiten,
-        isotropic=isotropic, norm_target=norm_target,
+        disjoint=disjoint, dtype=compute_dtype, isotropic=isotropic, norm_target=norm_target,
     )
     if direction == "horizontal":
         basis, merged = _shared_left_lowrank(lefts, rights, weights_t, (n, m), **kwargs)

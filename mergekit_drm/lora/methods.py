@@ -68,8 +68,6 @@ def _drm_options(shared, per_model, weight_name):
         disjoint=bool(shared["disjoint"]),
         scale=float(shared["lambda"]),
         compute_dtype=compute_dtype(shared),
-        rank_budget=float(shared["rank_budget"]),
-        whiten=bool(shared["whiten"]),
         isotropic=bool(shared["isotropic"]),
         norm_target=str(shared["norm_target"]),
     )
