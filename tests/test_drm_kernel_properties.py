@@ -656,3 +656,36 @@ def test_elementwise_trim_is_per_model():
     x = [torch.tensor([5.0, 1.0, 0.5, 0.1]), torch.tensor([0.01, -4.0, 0.02, 0.03])]
     out = elementwise_merge(x, density=0.25, compute_dtype=F64)
     assert out.tolist() == [5.0, -4.0, 0.0, 0.0]
+
+
+def _kth_cases():
+    gen = torch.Generator().manual_seed(3)
+    n = (1 << 20) + 12345  # above the bracketing threshold
+    randn = torch.randn(n, generator=gen).abs()
+    ties = torch.randint(0, 7, (n,), generator=gen).float()  # heavy ties
+    ascending = torch.arange(n, dtype=torch.float32)
+    # The strided sample sees only zeros: its bracket is wrong, the counts must
+    # reject it and the plain kthvalue must answer.
+    fooled = torch.rand(n, generator=gen) + 1.0
+    fooled[:: max(1, n // (1 << 16))] = 0.0
+    return {"randn": randn, "ties": ties, "ascending": ascending, "fooled": fooled,
+            "float64": randn.double()}
+
+
+@pytest.mark.parametrize("case", ["randn", "ties", "ascending", "fooled", "float64"])
+def test_kth_smallest_equals_kthvalue(case):
+    from mergekit_drm.drm.kernel import kth_smallest
+
+    flat = _kth_cases()[case]
+    n = flat.numel()
+    for k in (1, 2, n // 5, n // 2, n - n // 5 + 1, n - 1, n):
+        assert kth_smallest(flat, k) == torch.kthvalue(flat, k).values, (case, k)
+
+
+def test_keep_top_magnitude_keeps_exactly_the_largest_on_large_inputs():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 700, 600, generator=gen)  # 1.26M entries: the bracketed path
+    mask = keep_top_magnitude(x, 0.2)
+    keep = int(0.2 * x.numel() + 0.5)
+    assert int(mask.sum()) == keep
+    assert x.abs()[mask].min() >= x.abs()[~mask].max()
