@@ -201,3 +201,19 @@ def test_race_interleaves_rounds_and_keeps_each_candidates_best(monkeypatch):
     times = lb._race({"a": runner("a"), "b": runner("b")}, rounds=3)
     assert order == ["a", "b", "b", "a", "a", "b"]
     assert times == {"a": 1.0, "b": 2.0}
+
+
+@pytest.mark.parametrize(
+    "times, default, expected",
+    [
+        ({"torch": 1.0, "numpy": 0.9}, "torch", "torch"),  # a 10 % win is not enough
+        ({"torch": 1.0, "numpy": 0.8}, "torch", "numpy"),  # exactly the margin
+        ({"torch": 1.0, "numpy": 0.3}, "torch", "numpy"),
+        ({"torch": 0.5, "numpy": 1.0}, "torch", "torch"),
+        ({"torch-gemm": 1.0, "blas-syrk": 0.9}, "torch-gemm", "torch-gemm"),
+        ({"torch-gemm": 1.0, "blas-syrk": 0.4}, "torch-gemm", "blas-syrk"),
+    ],
+)
+def test_gemm_leaves_torch_only_for_a_clear_win(times, default, expected):
+    assert lb.GEMM_SWITCH_MARGIN == 1.25
+    assert lb._with_margin(times, default) == expected
