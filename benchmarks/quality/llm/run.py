@@ -83,7 +83,10 @@ def run_merges(bench: Bench, kind: str, seed: int, labels: Sequence[str], *,
 
     def save():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=1, sort_keys=True))
+        # Atomic: other seeds' runs read this seed's summary for its choices.
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=1, sort_keys=True))
+        tmp.replace(path)
         on_update()
 
     chosen = None
