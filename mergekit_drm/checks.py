@@ -19,7 +19,8 @@ import difflib
 import logging
 import os
 import sys
-from typing import Any, Iterable, Iterator, List, Mapping, Optional, Tuple
+from types import FrameType
+from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -70,18 +71,26 @@ def closest(name: str, known: Iterable[str]) -> Optional[str]:
     return matches[0] if matches else None
 
 
-def caller_self(kind: type, depth: int) -> Optional[Any]:
-    """The first ``self`` of type ``kind`` among the ``depth`` frames above the
-    function that calls this one (mergekit hands methods no planning context)."""
-    frame = sys._getframe(2)
+def find_frame(match: Callable[[FrameType], bool], depth: int, skip: int = 0) -> Optional[FrameType]:
+    """The first of ``depth`` frames for which ``match`` holds, searching up
+    from the caller of this function after skipping ``skip`` frames
+    (mergekit hands methods no context: its planner, tensor task and
+    ``run_merge`` are found on the call stack)."""
+    frame = sys._getframe(1 + skip)
     for _ in range(depth):
         if frame is None:
             return None
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, kind):
-            return candidate
+        if match(frame):
+            return frame
         frame = frame.f_back
     return None
+
+
+def caller_self(kind: type, depth: int) -> Optional[Any]:
+    """The first ``self`` of type ``kind`` among the ``depth`` frames above the
+    function that calls this one."""
+    frame = find_frame(lambda f: isinstance(f.f_locals.get("self"), kind), depth, skip=2)
+    return None if frame is None else frame.f_locals["self"]
 
 
 def planned_configuration() -> Optional[Any]:

@@ -20,11 +20,12 @@ shard after the cleanup; in both cases the output is left as mergekit leaves it.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import weakref
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Optional, Tuple
+
+from mergekit_drm.checks import find_frame
 
 _RUN_MERGE = ("mergekit.merge", "run_merge")
 _STACK_LIMIT = 80  # run_merge is ~10-30 frames above a method's hooks
@@ -44,21 +45,11 @@ _snapshots: Dict[int, OutputSnapshot] = {}
 _lock = threading.Lock()
 
 
-def _run_merge_frame():
-    frame = sys._getframe(1)
-    for _ in range(_STACK_LIMIT):
-        if frame is None:
-            return None
-        code = frame.f_code
-        if (frame.f_globals.get("__name__"), code.co_name) == _RUN_MERGE:
-            return frame
-        frame = frame.f_back
-    return None
-
-
 def _current_run() -> Optional[Tuple[object, str]]:
     """(the run's identity object, its output path), if run_merge is on the stack."""
-    frame = _run_merge_frame()
+    frame = find_frame(
+        lambda f: (f.f_globals.get("__name__"), f.f_code.co_name) == _RUN_MERGE, _STACK_LIMIT
+    )
     if frame is None:
         return None
     run, out_path = frame.f_locals.get("cfg_out"), frame.f_locals.get("out_path")
