@@ -26,6 +26,14 @@ def settings_hash(settings: Dict) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def write_json(path: Path, value) -> None:
+    """Replace ``path`` atomically: parallel runs read what others write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
 class Bench:
     """Fine-tunes and scores of one benchmark configuration (``settings``)."""
 
@@ -62,10 +70,7 @@ class Bench:
         if path.exists():
             return json.loads(path.read_text())
         value = fn()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-        tmp.replace(path)
+        write_json(path, value)
         return value
 
     # ----------------------------------------------------------- fine-tunes

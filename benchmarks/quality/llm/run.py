@@ -25,7 +25,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from . import report
-from .bench import QUICK_TASKS, TASKS, Bench
+from .bench import QUICK_TASKS, TASKS, Bench, write_json
 from .merges import QUICK_METHODS, MergeStage
 
 HERE = Path(__file__).resolve().parent
@@ -82,11 +82,7 @@ def run_merges(bench: Bench, kind: str, seed: int, labels: Sequence[str], *,
     summary.setdefault("tuned", {})
 
     def save():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Atomic: other seeds' runs read this seed's summary for its choices.
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=1, sort_keys=True))
-        tmp.replace(path)
+        write_json(path, summary)  # other seeds' runs read it for their tuned choices
         on_update()
 
     chosen = None
