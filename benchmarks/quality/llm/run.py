@@ -3,10 +3,13 @@
     python -m benchmarks.quality.llm.run --stage finetunes   # fine-tunes + cross-task matrix
     python -m benchmarks.quality.llm.run --stage all         # + merges, report (benchmarks/results/llm.md)
     python -m benchmarks.quality.llm.run --stage seed --seed 1   # one LoRA seed (1, 2 reuse seed 0's choices)
+    python -m benchmarks.quality.llm.run --stage seed --kind full --seed 0 --labels ties,drm-V
     python -m benchmarks.quality.llm.run --quick             # smoke run: 2 tasks, 1 seed, tiny budgets
 
 ``--stage seed`` runs are independent of each other (their own fine-tunes,
 folds and results), so two seeds can run side by side with ``--threads 1``.
+Two runs of the same seed may also run side by side if their ``--labels``
+do not overlap: each merges its own rows into the seed's summary under a lock.
 
 Every step is cached under ``--cache`` (default ``benchmarks/quality/llm/cache``):
 rerunning resumes where an interrupted run stopped.
@@ -15,7 +18,9 @@ rerunning resumes where an interrupted run stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import time
@@ -75,14 +80,12 @@ def run_merges(bench: Bench, kind: str, seed: int, labels: Sequence[str], *,
         stage.methods = {k: dataclasses.replace(m, grid=m.grid[:grid_points])
                          for k, m in stage.methods.items()}
     path = results_path(bench, kind, seed)
-    summary = json.loads(path.read_text()) if path.exists() else {}
-    summary.update({"kind": kind, "seed": seed, "tasks": bench.task_names, "own": stage.own_scores(),
-                    "chosen_from": chosen_from})
-    summary.setdefault("defaults", {})
-    summary.setdefault("tuned", {})
+    header = {"kind": kind, "seed": seed, "tasks": bench.task_names, "own": stage.own_scores(),
+              "chosen_from": chosen_from}
+    mine: Dict[str, Dict] = {"defaults": {}, "tuned": {}}  # the rows this run computed
 
     def save():
-        write_json(path, summary)  # other seeds' runs read it for their tuned choices
+        merge_into_summary(path, header, mine)
         on_update()
 
     chosen = None
@@ -93,12 +96,36 @@ def run_merges(bench: Bench, kind: str, seed: int, labels: Sequence[str], *,
     # Method by method, both tables: a run cut short has complete rows for
     # the methods that come first in ``labels``.
     for label in labels:
-        summary["defaults"].update(stage.defaults([label], route_check=route_check and kind == "lora"))
+        mine["defaults"].update(stage.defaults([label], route_check=route_check and kind == "lora"))
         save()
         if label in tuned and (chosen is None or label in chosen):
-            summary["tuned"].update(stage.tuned([label], chosen))
+            mine["tuned"].update(stage.tuned([label], chosen))
             save()
-    return summary
+    return json.loads(path.read_text())
+
+
+def merge_into_summary(path: Path, header: Dict, rows: Dict[str, Dict]) -> None:
+    """Add this run's rows ({table: {label: row}}) to the summary at ``path``.
+    Re-read under a lock: another run of the same seed (other labels) may have
+    added rows since this one started; other seeds' runs read the file for
+    their tuned choices, so it is replaced atomically."""
+    with _locked(path):
+        summary = json.loads(path.read_text()) if path.exists() else {}
+        summary.update(header)
+        for table, table_rows in rows.items():
+            summary.setdefault(table, {}).update(table_rows)
+        write_json(path, summary)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def main(argv=None) -> None:
@@ -108,9 +135,14 @@ def main(argv=None) -> None:
                     help="finetunes: fine-tunes and their cross-task scores only; all: "
                          "fine-tunes, merges and report, interleaved in priority order; "
                          "seed: the LoRA fine-tunes and merges of --seed alone")
-    ap.add_argument("--seed", type=int, default=None, help="with --stage seed: which LoRA seed")
+    ap.add_argument("--seed", type=int, default=None, help="with --stage seed: which seed")
+    ap.add_argument("--kind", default="lora", choices=["lora", "full"],
+                    help="with --stage seed: LoRA or full fine-tunes")
     ap.add_argument("--labels", default=",".join(TUNE_ORDER),
                     help="with --stage seed: the methods, in order (default: all, headline first)")
+    ap.add_argument("--tune", default=None,
+                    help="with --stage seed: the methods that also get the tuned table "
+                         "(default: all of --labels; the others get their defaults row only)")
     ap.add_argument("--out", type=Path, default=None,
                     help="report folder (default: benchmarks/results; quick: <cache>/report)")
     ap.add_argument("--cache", type=Path, default=None)
@@ -134,17 +166,22 @@ def main(argv=None) -> None:
         run_finetunes(bench)
     elif args.stage == "seed":
         labels = [label for label in args.labels.split(",") if label]
-        unknown = sorted(set(labels) - set(TUNE_ORDER))
+        tune = labels if args.tune is None else [label for label in args.tune.split(",") if label]
+        unknown = sorted((set(labels) | set(tune)) - set(TUNE_ORDER))
         if args.seed is None or unknown:
-            ap.error(f"--stage seed needs --seed, and --labels from {', '.join(TUNE_ORDER)}"
+            ap.error(f"--stage seed needs --seed, and --labels/--tune from {', '.join(TUNE_ORDER)}"
                      + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
         bench = Bench(args.cache or DEFAULT_CACHE, FULL, TASKS, log=log)
         out = args.out or report.RESULTS_DIR
         update = lambda: report.write(bench.cache, out)
-        run_finetunes(bench, (args.seed,), ())
-        first = args.seed == LORA_SEEDS[0]  # seed 0 tunes on validation; the others reuse its choices
-        run_merges(bench, "lora", args.seed, labels, chosen_from=None if first else LORA_SEEDS[0],
-                   route_check=first, on_update=update)
+        seeds = LORA_SEEDS if args.kind == "lora" else FULL_SEEDS
+        if args.kind == "lora":
+            run_finetunes(bench, (args.seed,), ())
+        else:
+            run_finetunes(bench, (), (args.seed,))
+        first = args.seed == seeds[0]  # the first seed tunes on validation; the others reuse its choices
+        run_merges(bench, args.kind, args.seed, labels, chosen_from=None if first else seeds[0],
+                   tune=tune, route_check=first, on_update=update)
     else:
         bench = Bench(args.cache or DEFAULT_CACHE, FULL, TASKS, log=log)
         out = args.out or report.RESULTS_DIR
