@@ -336,6 +336,11 @@ def write(cache: Path, out: Path, quick: bool = False, notes: Sequence[str] = ()
         if sec:
             lines += ["", f"Validation scoring of one merge (load + {len(tasks)} tasks): median "
                           f"{statistics.median(sec):.0f} s over {len(sec)} merges."]
+        merge_h = sum(sum(v) for v in timings.values()) / 3600
+        score_h = sum(_load(p).get("seconds", 0.0) for p in (cache / "scores").glob("*.json")) / 3600
+        lines += ["", f"Process time recorded in the cache: merges {merge_h:.1f} h, scoring (fine-tunes' "
+                      f"cross-task matrices and merges) {score_h:.1f} h; fine-tunes are not recorded "
+                      "(their logs: ~1.5 min per LoRA fine-tune, ~3.5 min per full fine-tune at 1 thread)."]
         lines.append("")
 
     lines += _coverage(cache, summaries, tasks)
