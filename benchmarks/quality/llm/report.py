@@ -151,6 +151,10 @@ def _copy_configs(cache: Path, out: Path, summaries: List[Dict]) -> int:
     return count
 
 
+def _seeds(seeds) -> str:
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+
+
 def _timings(cache: Path) -> Dict[str, List[float]]:
     """Merge wall seconds per (kind, method, route)."""
     out: Dict[str, List[float]] = {}
@@ -215,7 +219,7 @@ def plot(groups: Dict[str, List[Dict]], path: Path) -> None:
         lows = [b.get_height() for b in ax.patches]
         ax.set_ylim(max(0, min(lows + [100]) - 10), 105)
         seeds = sorted({s["seed"] for s in summaries})
-        ax.set_title(f"SmolLM2-135M, {kind} fine-tunes (seeds {', '.join(map(str, seeds))})")
+        ax.set_title(f"SmolLM2-135M, {kind} fine-tunes ({_seeds(seeds)})")
         ax.set_ylabel("normalized test accuracy (%)")
         ax.legend(loc="lower right")
     fig.tight_layout()
@@ -248,7 +252,7 @@ def write(cache: Path, out: Path, quick: bool = False, notes: Sequence[str] = ()
         for kind, group in groups.items():
             per_task = {t: [s["own"]["test"][t] for s in group] for t in tasks}
             means = [_mean({t: s["own"]["test"][t] for t in tasks}) for s in group]
-            lines.append(f"| {kind} fine-tune on the task (seeds {', '.join(str(s['seed']) for s in group)}) | "
+            lines.append(f"| {kind} fine-tune on the task ({_seeds([s['seed'] for s in group])}) | "
                          + " | ".join(_ms(per_task[t]) for t in tasks) + f" | {_ms(means)} |")
         lines.append("")
         for kind in groups:
@@ -282,15 +286,17 @@ def write(cache: Path, out: Path, quick: bool = False, notes: Sequence[str] = ()
                      "validation choices" if table == "tuned" and chosen_from else "")
             lines += [f"### {kind} fine-tunes{extra}", ""] + _header(tasks) + _table_rows(group, table, tasks) + [""]
             ref = _best(group, table, BUILT_IN)
+            pairing = ("mean ± std over seeds" if len(group) > 1 else
+                       "one seed: paired by task, mean ± std over tasks")
             if ref:
                 lines += [f"Paired differences to the best built-in here (`{ref}`), normalized test points "
-                          "(mean ± std; wins):", "", "| method | difference | wins |", "|---|---|---|"]
+                          f"({pairing}; wins):", "", "| method | difference | wins |", "|---|---|---|"]
                 lines += _paired(group, table, ref) + [""]
             if any("tsv_m" in s.get(table, {}) for s in group):
                 rows = [r for r in _paired(group, table, "tsv_m")
                         if r.split(" | ")[0].lstrip("| ") in OURS + PACKAGE_BASELINES]
-                lines += ["Paired differences to `tsv_m` (the strongest SVD baseline), this package's "
-                          "methods:", "", "| method | difference | wins |", "|---|---|---|"] + rows + [""]
+                lines += [f"Paired differences to `tsv_m` (the strongest SVD baseline), this package's "
+                          f"methods ({pairing}):", "", "| method | difference | wins |", "|---|---|---|"] + rows + [""]
 
     # ---- defaults' sources, grids
     if tasks:
