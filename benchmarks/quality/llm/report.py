@@ -168,7 +168,7 @@ def _score_seconds(cache: Path) -> List[float]:
     return [_load(p)["seconds"] for p in (cache / "scores").glob("merge-*-val.json")]
 
 
-PLANNED = (("lora", 0), ("full", 0), ("lora", 1), ("lora", 2))
+PLANNED = (("lora", 0), ("full", 0), ("lora", 1), ("lora", 2), ("full", 1))
 
 
 def _coverage(cache: Path, summaries: List[Dict], tasks: Sequence[str]) -> List[str]:
