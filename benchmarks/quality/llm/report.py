@@ -68,14 +68,14 @@ def _methods_present(summaries: List[Dict], table: str) -> List[str]:
 
 def _table_rows(summaries: List[Dict], table: str, tasks: Sequence[str]) -> List[str]:
     """One row per method: normalized and raw test accuracy (mean ± std over
-    the given settings = seeds), per-task raw accuracy of the first."""
+    the given settings = seeds), per-task raw accuracy (mean over seeds)."""
     rows = []
     for label in _methods_present(summaries, table):
         have = [s for s in summaries if label in s.get(table, {})]
         norm = [_norm_test(s[table][label], s["own"]) for s in have]
         raw = [_mean(s[table][label]["test"]) for s in have]
         first = have[0][table][label]
-        per_task = [f"{100 * first['test'][t]:.1f}" for t in tasks]
+        per_task = [f"{100 * statistics.mean(s[table][label]['test'][t] for s in have):.1f}" for t in tasks]
         chosen = _params(first["params"])
         if len(have) > 1 and any(s[table][label]["params"] != first["params"] for s in have):
             chosen += " (varies by seed)"
