@@ -9,7 +9,9 @@
 ``--stage seed`` runs are independent of each other (their own fine-tunes,
 folds and results), so two seeds can run side by side with ``--threads 1``.
 Two runs of the same seed may also run side by side if their ``--labels``
-do not overlap: each merges its own rows into the seed's summary under a lock.
+do not overlap and the seed's fine-tunes already exist (nothing locks a
+fine-tune; run one of them, or ``--stage finetunes``, first): each merges its
+own rows into the seed's summary under a lock.
 
 Every step is cached under ``--cache`` (default ``benchmarks/quality/llm/cache``):
 rerunning resumes where an interrupted run stopped.
