@@ -34,3 +34,36 @@ def test_example_config_is_valid(path):
 def test_there_are_examples_for_both_methods():
     methods = {yaml.safe_load(p.read_text())["merge_method"] for p in EXAMPLES}
     assert {"drm", "mudsc"} <= methods
+
+
+def _hub_ids(data) -> set:
+    """Model references that are Hub ids (org/name), not local paths."""
+    refs = [data.get("base_model")] + [
+        m.get("model") if isinstance(m, dict) else m for m in data.get("models") or []
+    ]
+    ids = set()
+    for ref in filter(None, refs):
+        for part in str(ref).split("+"):
+            if not part.startswith((".", "/", "~")) and part.count("/") == 1:
+                ids.add(part)
+    return ids
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_hub_examples_say_so_in_their_header(path):
+    """A config that downloads from the Hub says so (and the size) before its first key."""
+    text = path.read_text()
+    header = text.split("\nmerge_method:")[0]
+    if _hub_ids(yaml.safe_load(text)):
+        assert "NEEDS THE HUGGING FACE HUB" in header, path.name
+        assert "GB" in header, f"{path.name}: the header should state the download size"
+    else:
+        assert "NEEDS THE HUGGING FACE HUB" not in header, path.name
+
+
+def test_hub_id_detection():
+    assert _hub_ids({"base_model": "meta-llama/Llama-3.1-8B", "models": [{"model": "./x"}]}) == {
+        "meta-llama/Llama-3.1-8B"
+    }
+    assert _hub_ids({"models": [{"model": "./drm-demo/ft"}, "/abs/path"]}) == set()
+    assert _hub_ids({"models": [{"model": "org/base+./adapters/a"}]}) == {"org/base"}
