@@ -7,10 +7,8 @@ the elementwise path copies it to the output, a full SVD raises an unnamed
 tensor, the model and the fix.
 
 mergekit 0.1.5 drops parameter names a method does not declare, and gives a
-method no handle on the merge configuration. The one place a method runs
-while the whole configuration exists is the slice-level ``validate_inputs``
-call made by ``MergePlanner.normalize_config``; ``planned_configuration``
-finds the planner there on the call stack.
+method no handle on the merge configuration; ``compat.planned_configuration``
+finds it while planning, and the checks here read it.
 """
 
 from __future__ import annotations
@@ -18,9 +16,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import sys
-from types import FrameType
-from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -71,42 +67,6 @@ def closest(name: str, known: Iterable[str]) -> Optional[str]:
     return matches[0] if matches else None
 
 
-def find_frame(match: Callable[[FrameType], bool], depth: int, skip: int = 0) -> Optional[FrameType]:
-    """The first of ``depth`` frames for which ``match`` holds, searching up
-    from the caller of this function after skipping ``skip`` frames
-    (mergekit hands methods no context: its planner, tensor task and
-    ``run_merge`` are found on the call stack)."""
-    frame = sys._getframe(1 + skip)
-    for _ in range(depth):
-        if frame is None:
-            return None
-        if match(frame):
-            return frame
-        frame = frame.f_back
-    return None
-
-
-def caller_self(kind: type, depth: int) -> Optional[Any]:
-    """The first ``self`` of type ``kind`` among the ``depth`` frames above the
-    function that calls this one."""
-    frame = find_frame(lambda f: isinstance(f.f_locals.get("self"), kind), depth, skip=2)
-    return None if frame is None else frame.f_locals["self"]
-
-
-def planned_configuration() -> Optional[Any]:
-    """The ``MergeConfiguration`` mergekit is planning, if a planner is on the stack.
-
-    Returns None outside ``MergePlanner`` (e.g. a method called directly), so
-    callers must treat the configuration as optional.
-    """
-    plan = sys.modules.get("mergekit.plan")
-    planner_type = getattr(plan, "MergePlanner", None)
-    if planner_type is None:
-        return None
-    planner = caller_self(planner_type, depth=12)
-    return None if planner is None else planner.config
-
-
 def parameter_scopes(config: Any) -> Iterator[Tuple[str, bool, Mapping[str, Any]]]:
     """(where, per_model, settings) for every ``parameters:`` mapping of a configuration."""
     if config.parameters:
@@ -135,6 +95,7 @@ def parameter_name_problems(config: Any, spec: Any) -> List[str]:
     known = {p.name for p in spec.parameters}
     per_model = {p.name for p in spec.input_parameters}
     removed = REMOVED.get(spec.name, {})
+    article = "an" if spec.name[:1] in "aeiou" else "a"  # "an iso_c parameter"
     problems = []
     for where, is_model, settings in parameter_scopes(config):
         for key in settings:
@@ -147,7 +108,7 @@ def parameter_name_problems(config: Any, spec: Any) -> List[str]:
                 guess = closest(key, known)
                 hint = f"; did you mean `{guess}`?" if guess else ""
                 problems.append(
-                    f"`{key}` under {where} is not a {spec.name} parameter and would be "
+                    f"`{key}` under {where} is not {article} {spec.name} parameter and would be "
                     f"ignored{hint} (known: {', '.join(sorted(known))})"
                 )
             elif is_model and key not in per_model:
@@ -159,13 +120,22 @@ def parameter_name_problems(config: Any, spec: Any) -> List[str]:
 
 
 def check_parameter_names(config: Any, spec: Any) -> None:
-    """Warn about (or, with MERGEKIT_DRM_UNKNOWN_PARAMETERS=error, refuse) ignored names."""
+    """Warn about (or, with MERGEKIT_DRM_UNKNOWN_PARAMETERS=error, refuse) ignored names.
+
+    Also checks every value the configuration sets for the method (type,
+    range, finiteness), naming the parameter and where it is set, since
+    mergekit's own validation later names neither.
+    """
+    from mergekit_drm.method_options import OPTIONS, unknown_parameters_mode
+
     if config is None:
         return
+    mode = unknown_parameters_mode()
+    if spec.name in OPTIONS:
+        OPTIONS[spec.name].check_values(config)
     problems = parameter_name_problems(config, spec)
     if not problems:
         return
-    mode = os.environ.get(UNKNOWN_PARAMETERS_ENV, "warn").strip().lower()
     text = "; ".join(problems)
     if mode == "error":
         raise ValueError(

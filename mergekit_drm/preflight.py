@@ -7,6 +7,8 @@ output tensor with the model references. These helpers answer what it needs
 from safetensors headers and memory-mapped ``.bin`` checkpoints (no tensor
 data is read), from the planning task on the call stack, and from each model's
 config, cached and thread-safe (``--multi-gpu`` runs tasks in threads).
+What mergekit itself knows (the planned task, its loader's index) comes
+through ``compat.py``.
 """
 
 from __future__ import annotations
@@ -14,13 +16,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import struct
-import sys
 import threading
 from typing import Any, Dict, Hashable, Optional, Sequence, Tuple
 
-from mergekit_drm.checks import caller_self
+from mergekit_drm.compat import is_slice_call, model_index, planned_configuration, planned_task
 
 _header_lock = threading.Lock()
 _headers: Dict[str, Dict[str, Tuple[int, ...]]] = {}
@@ -68,18 +68,9 @@ def bin_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def _index(model: Any) -> Optional[Any]:
-    try:
-        from mergekit.io.tasks import LoaderCache
-
-        return LoaderCache().get(model).index
-    except Exception:  # not a ModelReference, or not loadable: nothing to check
-        return None
-
-
 def stored_shape(model: Any, tensor_name: str) -> Optional[Tuple[int, ...]]:
     """Shape of ``tensor_name`` in a mergekit ``ModelReference``, if knowable cheaply."""
-    index = _index(model)
+    index = model_index(model)
     if index is None:
         return None
     shard = index.tensor_paths.get(tensor_name)
@@ -91,51 +82,19 @@ def stored_shape(model: Any, tensor_name: str) -> Optional[Tuple[int, ...]]:
     return bin_shapes(path).get(tensor_name)
 
 
-_SLICE_CALL = re.compile(r"\.slices\[\d+\]$")
-
-
-def is_slice_call(group_name: Optional[str]) -> bool:
-    """mergekit calls ``validate_inputs`` once per output slice while planning
-    (group_name ``<module>.slices[<i>]``), then once per tensor task."""
-    return group_name is not None and _SLICE_CALL.search(group_name) is not None
-
-
-def planned_task() -> Optional[Any]:
-    """The ``ExecuteMergeMethodTask`` whose validator is calling the method, if any.
-
-    The per-tensor ``validate_inputs`` call comes from that task's own
-    validator; its ``self`` holds each model's tensor name, aliases and
-    optionality and the parameters resolved for this tensor.
-    """
-    adapter = sys.modules.get("mergekit.merge_methods.task_adapter")
-    task_type = getattr(adapter, "ExecuteMergeMethodTask", None)
-    if task_type is None:
-        return None
-    return caller_self(task_type, depth=8)
-
-
-def input_weights(task: Any) -> Optional[Dict[Any, Any]]:
-    """Model -> ``WeightInfo`` read by a planned tensor task."""
-    gather = task.gather_tensors
-    while not hasattr(gather, "weight_info") and hasattr(gather, "gather_tensors"):
-        gather = gather.gather_tensors
-    weights = getattr(gather, "weight_info", None)
-    return dict(weights.items()) if weights is not None else None
-
-
 def check_present(tensor_name: str, models: Sequence[Any], task: Optional[Any]) -> None:
     """Raise if a required tensor is in none of a model's names (mergekit would
     otherwise fail only while merging, after creating the output directory)."""
-    weights = input_weights(task) if task is not None else None
-    if not weights:
+    inputs = task.inputs if task is not None else None
+    if not inputs:
         return
     missing, present = [], []
     for model in models:
-        info = weights.get(model)
-        index = _index(model)
+        info = inputs.get(model)
+        index = model_index(model)
         if info is None or index is None or info.optional:
             continue
-        names = (info.name,) + tuple(info.aliases or ()) + tuple(info.tied_names or ())
+        names = (info.name,) + info.aliases
         (present if any(n in index.tensor_paths for n in names) else missing).append(str(model))
     if missing:
         found = f" (it is in {', '.join(present)})" if present else ""
@@ -228,7 +187,7 @@ def planning_checks(spec: Any, input_ids: Sequence[Hashable], group_name: Option
 
     Returns the planned tensor task (its resolved parameters), or None.
     """
-    from mergekit_drm.checks import check_parameter_names, planned_configuration
+    from mergekit_drm.checks import check_parameter_names
 
     if is_slice_call(group_name):
         check_parameter_names(planned_configuration(), spec)

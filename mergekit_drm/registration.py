@@ -5,6 +5,10 @@ twice (the import hook, then an explicit ``mergekit_drm.register()``) or from
 several threads, so it checks under a lock first. The import hook loads this
 module at every interpreter start, so it imports only builtins (``_thread``
 rather than ``threading``, a few milliseconds less on each start).
+
+Registering also probes, once, the mergekit internals the guards need
+(``compat.check_host``): a missing one is reported here (or, for a module
+mergekit is still importing, at the first planning call), never silently.
 """
 
 import _thread
@@ -34,6 +38,10 @@ def load_method(target: str):
 def register() -> None:
     """Register every method of this package that is not registered yet."""
     from mergekit import merge_methods
+
+    from mergekit_drm.compat import check_host
+
+    check_host()  # warns (MERGEKIT_DRM_STRICT_HOST=1: raises) for a missing internal
 
     methods = [load_method(target) for target in METHODS.values()]
     with _lock:

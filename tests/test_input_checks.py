@@ -291,7 +291,7 @@ def _run_sharded(config, out):
 def _removed_count(exc) -> int:
     notes = " ".join(getattr(exc, "__notes__", []))
     assert "mergekit-drm: the merge stopped" in notes, notes
-    return int(notes.split("so the ")[1].split(" partial")[0])
+    return int(notes.split("so the ")[1].split(" unfinished shard")[0])
 
 
 @pytest.mark.parametrize("method", ["drm", "tsv_m"])
@@ -314,15 +314,14 @@ def test_failure_mid_merge_keeps_what_the_directory_held(models, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    previous = out / "model-00001-of-00001.safetensors"
-    save_file({"w": torch.ones(3)}, str(previous))
-    before = previous.read_bytes()
+    (out / "README.md").write_text("my card")  # a name mergekit writes, but only after success
     bad = _poisoned(ft1, str(tmp_path / "bad-ft"), LATE)
     with pytest.raises(NonFiniteError) as info:
         _run_sharded(_config(base, [bad, ft2]), out)
     assert _removed_count(info.value) >= 1
-    assert sorted(p.name for p in out.iterdir()) == ["model-00001-of-00001.safetensors", "notes.txt"]
-    assert previous.read_bytes() == before and (out / "notes.txt").read_text() == "mine"
+    assert "no other file there was touched" in " ".join(info.value.__notes__)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "README.md").read_text() == "my card"
 
 
 def test_a_clean_merge_after_a_failed_one_is_complete(models, tmp_path):

@@ -25,7 +25,7 @@ from mergekit.merge_methods.base import (
 from mergekit_drm.architectures import matrix_layout
 from mergekit_drm.checks import check_finite
 from mergekit_drm.drm.kernel import compute_dtype_for, drm_merge_matrix, elementwise_merge
-from mergekit_drm.output_guard import CleansPartialOutput
+from mergekit_drm.compat import CleansPartialOutput
 from mergekit_drm.parameters import (
     COMPUTE_DTYPE,
     DENSITY,

@@ -2,7 +2,8 @@
 
 The YAML is the one a user writes for the full-model route (``mergekit-yaml``
 with ``model: base+adapter`` entries and a ``merge_method`` from
-``methods.METHODS``). Parameters are resolved by mergekit's own resolver with
+``methods.METHODS``). Parameters are resolved by mergekit's own resolver
+(through ``compat.ParameterResolver``, as are the layer positions) with
 the method's own spec, per target matrix (tensor name ``<module>.weight``, the
 name the full-model route sees, and the same layer position ``t`` for
 gradients), so filters, gradients and per-model overrides mean exactly what
@@ -29,6 +30,7 @@ from mergekit_drm.lora.adapters import (
     normalized_base_name,
     resolve_adapter_dir,
 )
+from mergekit_drm.compat import ParameterResolver, check_host, directory_index, weight_positions
 from mergekit_drm.lora.methods import DTYPES, METHODS, LoraMergeError, LoraMethod
 
 LOG = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ def plan_lora_merge(
     out_dtype: Optional[str] = None,
 ) -> LoraMergePlan:
     """Read and check everything; raise ``LoraMergeError`` on any problem."""
+    check_host()
     config, method = _read_config(config_text)
     warnings = _parameter_warnings(config, method)
     entries = _load_entries(config)
@@ -87,7 +90,10 @@ def plan_lora_merge(
     warnings.extend(_base_warnings(base, config.base_model))
     shapes, owner = _module_shapes(entries)
     _check_gradients(config, base)
-    reader = _config_reader(config, entries)
+    reader = ParameterResolver(config, [
+        (entry.reference, next(m.parameters for m in config.models if m.model == entry.reference))
+        for entry in entries
+    ])
     modules = []
     for module in sorted(shapes):
         parts = _module_layout(module, shapes[module], owner[module], base, method, warnings)
@@ -143,10 +149,16 @@ def _read_config(config_text: str):
 
 def _parameter_warnings(config, method: LoraMethod) -> List[str]:
     """Misspelt parameter names (an error when the environment asks) and ignored settings."""
-    from mergekit_drm.checks import UNKNOWN_PARAMETERS_ENV, parameter_name_problems
+    from mergekit_drm.checks import parameter_name_problems
+    from mergekit_drm.method_options import OPTIONS, unknown_parameters_mode
 
+    try:
+        mode = unknown_parameters_mode()
+        OPTIONS[method.name].check_values(config)  # type, range, finiteness; names the model
+    except ValueError as exc:
+        raise LoraMergeError(str(exc)) from exc
     names = parameter_name_problems(config, method.spec())
-    if names and os.environ.get(UNKNOWN_PARAMETERS_ENV, "").strip().lower() == "error":
+    if names and mode == "error":
         raise LoraMergeError("; ".join(names))
     if config.tokenizer is not None or config.tokenizer_source is not None:
         names.append("tokenizer settings are ignored: LoRA adapters keep the base vocabulary")
@@ -232,9 +244,7 @@ def _read_base(base_ref) -> _BaseInfo:
     path = base_ref.model.path
     if os.path.isdir(path):
         try:
-            from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
-
-            index = ShardedTensorIndex.from_disk(path)
+            index = directory_index(path)
             if index.is_safetensors:
                 shapes: Dict[str, Tuple[int, ...]] = {}
                 for shard in sorted(set(index.tensor_paths.values())):
@@ -244,42 +254,10 @@ def _read_base(base_ref) -> _BaseInfo:
             LOG.debug("could not read base safetensors headers: %s", exc)
     if info.config is not None and getattr(info.config, "architectures", None):
         try:
-            info.weights = _weight_positions(info.config)
+            info.weights = weight_positions(info.config)
         except Exception as exc:
             LOG.debug("no mergekit architecture for the base: %s", exc)
     return info
-
-
-def _weight_positions(config) -> Optional[Dict[str, Tuple[float, Any]]]:
-    """Each weight's gradient position t, exactly as mergekit's planner sets it."""
-    from mergekit.architecture import arch_info_for_config
-    from mergekit.architecture.base import ConfiguredModuleArchitecture
-
-    arch = arch_info_for_config(config)
-    if arch is None:
-        return None
-    out: Dict[str, Tuple[float, Any]] = {}
-
-    def add(weight, t):
-        for name in [weight.name] + list(weight.aliases or ()):
-            out.setdefault(name, (t, weight))
-
-    for module_def in arch.modules.values():
-        module = ConfiguredModuleArchitecture(
-            info=module_def.architecture,
-            config=config,
-            weight_prefix=module_def.weight_prefix,
-        )
-        for weight in module.pre_weights():
-            add(weight, 0.0)
-        layers = module.num_layers()
-        for index in range(layers):
-            t = index / (layers - 1) if layers > 1 else 1.0
-            for weight in module.layer_weights(index=index):
-                add(weight, t)
-        for weight in module.post_weights():
-            add(weight, 0.0)
-    return out
 
 
 def _base_warnings(base: _BaseInfo, base_ref) -> List[str]:
@@ -349,21 +327,6 @@ def _check_gradients(config, base: _BaseInfo) -> None:
         )
 
 
-def _config_reader(config, entries):
-    """mergekit's ``ConfigReader`` over the adapters, as its planner builds one per slice."""
-    from mergekit.config import ConfigReader, InputSliceDefinition, OutputSliceDefinition
-
-    sources = [
-        InputSliceDefinition(
-            model=entry.reference,
-            layer_range=(0, 1),
-            parameters=next(m.parameters for m in config.models if m.model == entry.reference),
-        )
-        for entry in entries
-    ]
-    return ConfigReader(config=config, t=0.0, slice_out=OutputSliceDefinition(sources=sources))
-
-
 def _is_vocabulary(module: str, shape: Tuple[int, int], base: _BaseInfo) -> bool:
     from mergekit_drm.architectures import is_vocabulary
 
@@ -423,18 +386,11 @@ def _module_layout(module, shape, owner, base: _BaseInfo, method: LoraMethod, wa
 
 def _module_plan(module, shape, parts, config, entries, base: _BaseInfo, method: LoraMethod, reader) -> ModulePlan:
     """Resolve the method's parameters for one target matrix, as the full-model route does."""
-    from mergekit.parameter_resolver import resolve_parameters
-
     weight_name = f"{module}.weight"
     t = base.weights[weight_name][0] if base.weights and weight_name in base.weights else 0.0
     try:
-        shared, per_model = resolve_parameters(
-            method.spec(),
-            tensor_name=weight_name,
-            inputs={entry.reference: weight_name for entry in entries},
-            sources=reader.with_t(t).parameter_sources,
-            base_model=config.base_model,
-            t=t,
+        shared, per_model = reader.resolve(
+            method.spec(), weight_name, [entry.reference for entry in entries], t
         )
     except Exception as exc:
         raise LoraMergeError(f"{weight_name}: {exc}") from exc

@@ -29,8 +29,8 @@ from mergekit_drm.checks import (
     check_finite,
     check_parameter_names,
     parameter_scopes,
-    planned_configuration,
 )
+from mergekit_drm.compat import CleansPartialOutput, is_slice_call, planned_configuration, planned_task
 from mergekit_drm.mudsc.alignment import merge_tensor
 from mergekit_drm.mudsc.calibration import check_calibration_path
 from mergekit_drm.mudsc.engine import (
@@ -41,9 +41,7 @@ from mergekit_drm.mudsc.engine import (
     describe_models,
     plan_alignment,
 )
-from mergekit_drm.preflight import is_slice_call, planned_task
 from mergekit_drm.mudsc.solver import SolverOptions
-from mergekit_drm.output_guard import CleansPartialOutput
 from mergekit_drm.parameters import ALPHA, AT_LEAST_ONE, MUDSC_MODE, NON_NEGATIVE, POSITIVE, typed
 
 PRETTY_NAME = "MuDSC"
