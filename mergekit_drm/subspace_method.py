@@ -37,30 +37,13 @@ from mergekit_drm.architectures import matrix_layout
 from mergekit_drm.checks import check_finite
 from mergekit_drm.drm.kernel import compute_dtype_for
 from mergekit_drm.compat import CleansPartialOutput
-from mergekit_drm.parameters import COMPUTE_DTYPE, SVD, typed
 from mergekit_drm.preflight import model_config, planning_checks, require_task_vectors
 
 def common_parameters(method: str) -> List[ParameterSpec]:
-    return [
-        ParameterSpec(
-            "weight", float, ParameterScope.NON_BASE, default=1.0,
-            description="per-model coefficient on the task vector, before the merge",
-        ),
-        ParameterSpec(
-            "lambda", float, ParameterScope.SHARED, default=1.0,
-            description="scale of the merged task vector (the papers' alpha)",
-        ),
-        ParameterSpec(
-            "decompose", bool, ParameterScope.SHARED, default=True,
-            description="false sends a tensor (use a filter) to the mean path",
-        ),
-        ParameterSpec("svd", typed(method, "svd", SVD), ParameterScope.SHARED, default="auto"),
-        ParameterSpec(
-            "compute_dtype", typed(method, "compute_dtype", COMPUTE_DTYPE),
-            ParameterScope.SHARED, default="auto",
-            description="auto = the inputs' precision, at least float32 (as drm)",
-        ),
-    ]
+    """The method's parameters, declared in ``method_options`` (shared five plus its own)."""
+    from mergekit_drm.method_options import OPTIONS
+
+    return list(OPTIONS[method].parameter_specs())
 
 
 class SubspaceMerge(CleansPartialOutput, GroupMergeMethod):

@@ -26,90 +26,20 @@ from mergekit_drm.architectures import matrix_layout
 from mergekit_drm.checks import check_finite
 from mergekit_drm.drm.kernel import compute_dtype_for, drm_merge_matrix, elementwise_merge
 from mergekit_drm.compat import CleansPartialOutput
-from mergekit_drm.parameters import (
-    COMPUTE_DTYPE,
-    DENSITY,
-    DIRECTION,
-    NONLINEAR_DENSITY,
-    NORM_TARGET,
-    RANK_TOL,
-    SVD,
-    typed,
-)
+from mergekit_drm.method_options import DRM
 from mergekit_drm.preflight import model_config, planning_checks, require_task_vectors
 
 PRETTY_NAME = "DRM"
 REFERENCE_URL = "https://arxiv.org/abs/2505.23117"
 
 
-def _rule(name: str, rule):
-    return typed("drm", name, rule)
-
-
-PARAMETERS = (
-    ParameterSpec(
-        "weight", float, ParameterScope.NON_BASE, default=1.0,
-        description="per-model coefficient, applied after sign election",
-    ),
-    ParameterSpec(
-        "density",
-        _rule("density", DENSITY),
-        ParameterScope.NON_BASE,
-        default=0.2,
-        description="fraction of renormalized coordinates kept (paper: drop rate 0.8)",
-    ),
-    ParameterSpec(
-        "direction", _rule("direction", DIRECTION), ParameterScope.SHARED,
-        default="vertical",
-        description="vertical = DRM-V (shared input basis), horizontal = DRM-H",
-    ),
-    ParameterSpec(
-        "rank_tol",
-        _rule("rank_tol", RANK_TOL),
-        ParameterScope.SHARED,
-        default=0.01,
-    ),
-    ParameterSpec(
-        "nonlinear_density",
-        _rule("nonlinear_density", NONLINEAR_DENSITY),
-        ParameterScope.NON_BASE,
-        default=1.0,
-    ),
-    ParameterSpec("lambda", float, ParameterScope.SHARED, default=1.0),
-    ParameterSpec("renorm", bool, ParameterScope.SHARED, default=True),
-    ParameterSpec("sign_election", bool, ParameterScope.SHARED, default=True),
-    ParameterSpec("disjoint", bool, ParameterScope.SHARED, default=True),
-    ParameterSpec(
-        "decompose", bool, ParameterScope.SHARED, default=True,
-        description="false sends a tensor (use a filter) to the elementwise path",
-    ),
-    ParameterSpec("svd", _rule("svd", SVD), ParameterScope.SHARED, default="auto"),
-    ParameterSpec(
-        "compute_dtype", _rule("compute_dtype", COMPUTE_DTYPE),
-        ParameterScope.SHARED, default="auto",
-        description="auto = the inputs' precision, at least float32 (float64 checkpoints compute in float64)",
-    ),
-    # Opt-in additions beyond the paper (drm/options.py); defaults = the paper.
-    ParameterSpec(
-        "isotropic", bool, ParameterScope.SHARED, default=False,
-        description="flatten the merged matrix's singular values to their mean (Iso-C after DRM)",
-    ),
-    ParameterSpec(
-        "norm_target", _rule("norm_target", NORM_TARGET), ParameterScope.SHARED,
-        default="none",
-        description="rescale each merged delta to the mean task-vector norm, the norm of their sum, or the sum of their norms",
-    ),
-)
+# Declared in method_options.DRM (defaults, rules, scopes, kernel arguments).
+PARAMETERS = DRM.parameter_specs()
 
 
 def check_one_density(name: str, densities) -> None:
     """drm prunes jointly, so every model of one tensor has the same ``density``."""
-    densities = set(densities)
-    if len(densities) > 1:
-        raise ValueError(
-            f"drm prunes jointly over all models, so `density` must be one value "
-            f"for {name}; got {sorted(densities)}. Set it once under `parameters:`."
-        )
+    DRM.one_value("density", densities, name)
 
 
 class DRMMerge(CleansPartialOutput, GroupMergeMethod):
@@ -175,11 +105,10 @@ class DRMMerge(CleansPartialOutput, GroupMergeMethod):
             merged = elementwise_merge(
                 deltas,
                 weights,
-                density=[params["nonlinear_density"][e.id] for e in entries],
-                sign_election=params["sign_election"],
-                disjoint=params["disjoint"],
-                compute_dtype=compute_dtype,
-                norm_target=params["norm_target"],
+                **DRM.kernel_kwargs(
+                    params, elementwise_merge, models=[e.id for e in entries], where=name,
+                    skip=("weight", "lambda"), compute_dtype=compute_dtype,
+                ),
             )
         del deltas
         merged.mul_(params["lambda"]).add_(base_c)
@@ -195,17 +124,10 @@ class DRMMerge(CleansPartialOutput, GroupMergeMethod):
         linear_shape = deltas.shape[1:]
         # Tensors of more than two dimensions are merged as (out, rest).
         matrices = deltas.reshape(deltas.shape[0], linear_shape[0], -1)
-        kwargs = dict(
-            direction=params["direction"],
-            density=density,
-            rank_tol=params["rank_tol"],
-            renorm=params["renorm"],
-            sign_election=params["sign_election"],
-            disjoint=params["disjoint"],
+        # weights are passed positionally; lambda is applied by merge_group.
+        kwargs = DRM.kernel_kwargs(
+            params, drm_merge_matrix, skip=("weight", "lambda"), density=density,
             compute_dtype=compute_dtype,
-            svd=params["svd"],
-            isotropic=params["isotropic"],
-            norm_target=params["norm_target"],
         )
         if layout.parts is None:
             merged = drm_merge_matrix(matrices, weights, **kwargs)

@@ -6,9 +6,8 @@ Everything but the per-matrix kernel is shared with ``tsv_m`` in
 
 from __future__ import annotations
 
-from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 from mergekit_drm.iso.kernel import iso_c_merge_matrix, iso_cts_merge_matrix
-from mergekit_drm.parameters import COMMON_SPACE_FRACTION, typed
+from mergekit_drm.method_options import ISO_C, ISO_CTS
 from mergekit_drm.subspace_method import SubspaceMerge, common_parameters, method_spec
 
 REFERENCE_URL = "https://arxiv.org/abs/2502.04959"
@@ -20,31 +19,19 @@ class IsoCMerge(SubspaceMerge):
     spec = method_spec("iso_c", "Iso-C", REFERENCE_URL, common_parameters("iso_c"))
 
     def merge_matrix(self, deltas, weights, params, compute_dtype):
-        return iso_c_merge_matrix(deltas, weights, compute_dtype=compute_dtype, svd=params["svd"])
+        return iso_c_merge_matrix(
+            deltas, weights, **ISO_C.kernel_kwargs(params, iso_c_merge_matrix, skip=("weight",), compute_dtype=compute_dtype)
+        )
 
 
 class IsoCTSMerge(SubspaceMerge):
     """Isotropic merging in common and task-specific subspaces (Iso-CTS)."""
 
-    spec = method_spec(
-        "iso_cts", "Iso-CTS", REFERENCE_URL,
-        common_parameters("iso_cts") + [
-            ParameterSpec(
-                "common_space_fraction",
-                typed("iso_cts", "common_space_fraction", COMMON_SPACE_FRACTION),
-                ParameterScope.SHARED,
-                default=0.8,
-                description="common subspace size / min(rows, cols) (paper: 0.8)",
-            ),
-        ],
-    )
+    spec = method_spec("iso_cts", "Iso-CTS", REFERENCE_URL, common_parameters("iso_cts"))
 
     def merge_matrix(self, deltas, weights, params, compute_dtype):
         return iso_cts_merge_matrix(
-            deltas, weights,
-            common_space_fraction=params["common_space_fraction"],
-            compute_dtype=compute_dtype,
-            svd=params["svd"],
+            deltas, weights, **ISO_CTS.kernel_kwargs(params, iso_cts_merge_matrix, skip=("weight",), compute_dtype=compute_dtype)
         )
 
 

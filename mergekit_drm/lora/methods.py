@@ -55,28 +55,24 @@ class LoraMethod:
         return load_method(METHODS[self.name]).spec
 
 
-def _drm_options(shared, per_model, weight_name):
-    from mergekit_drm.drm.method import check_one_density
+def _kernel_options(method: str, merge: Callable[..., Any]):
+    """The low-rank kernel's keywords from ``method_options`` (the mergekit
+    adapters' table): the same parameters reach the same arguments, and
+    ``lambda`` becomes the kernel's ``scale`` (the factors carry it)."""
+    from mergekit_drm.method_options import OPTIONS
 
-    check_one_density(weight_name, [values["density"] for values in per_model])
-    return dict(
-        direction=shared["direction"],
-        density=float(per_model[0]["density"]),
-        rank_tol=float(shared["rank_tol"]),
-        renorm=bool(shared["renorm"]),
-        sign_election=bool(shared["sign_election"]),
-        disjoint=bool(shared["disjoint"]),
-        scale=float(shared["lambda"]),
-        compute_dtype=compute_dtype(shared),
-        isotropic=bool(shared["isotropic"]),
-        norm_target=str(shared["norm_target"]),
-    )
+    table = OPTIONS[method]
 
-
-def _subspace_options(*names: str):
     def options(shared, per_model, weight_name):
-        extra = {name: shared[name] for name in names}
-        return dict(extra, scale=float(shared["lambda"]), compute_dtype=compute_dtype(shared), svd=shared["svd"])
+        values = dict(shared)
+        for param in table.params:
+            if param.set_per_model:
+                values[param.name] = {index: model[param.name] for index, model in enumerate(per_model)}
+        return table.kernel_kwargs(
+            values, merge, models=range(len(per_model)), where=weight_name,
+            skip=("weight",),  # the plan passes weights positionally
+            compute_dtype=compute_dtype(shared),
+        )
 
     return options
 
@@ -86,19 +82,19 @@ METHODS: Dict[str, LoraMethod] = {
     for method in (
         LoraMethod(
             "drm", drm_merge_lowrank,
-            _drm_options, "the number of joint singular directions DRM keeps", "elementwise",
+            _kernel_options("drm", drm_merge_lowrank), "the number of joint singular directions DRM keeps", "elementwise",
         ),
         LoraMethod(
-            "tsv_m", tsv_merge_lowrank, _subspace_options("rank_fraction"),
+            "tsv_m", tsv_merge_lowrank, _kernel_options("tsv_m", tsv_merge_lowrank),
             "at most the sum over adapters of min(kept rank per task, adapter rank)", "by the weighted mean",
         ),
         LoraMethod(
-            "iso_c", iso_c_merge_lowrank, _subspace_options(),
+            "iso_c", iso_c_merge_lowrank, _kernel_options("iso_c", iso_c_merge_lowrank),
             "at most the sum of the adapters' ranks", "by the weighted mean",
         ),
         LoraMethod(
             "iso_cts", iso_cts_merge_lowrank,
-            _subspace_options("common_space_fraction"),
+            _kernel_options("iso_cts", iso_cts_merge_lowrank),
             "at most the common subspace's size plus the sum over adapters of min(per-task size, "
             "adapter rank)", "by the weighted mean",
         ),

@@ -13,16 +13,11 @@ import os
 from typing import Any, Hashable, Mapping, Optional, Sequence, Tuple
 
 import torch
-from pydantic import AfterValidator
-from typing_extensions import Annotated
-
 from mergekit.merge_methods.base import (
     BasePolicy,
     GroupMergeMethod,
     InputContract,
     MergeMethodSpec,
-    ParameterScope,
-    ParameterSpec,
     TensorGroup,
 )
 from mergekit_drm.checks import (
@@ -42,18 +37,10 @@ from mergekit_drm.mudsc.engine import (
     plan_alignment,
 )
 from mergekit_drm.mudsc.solver import SolverOptions
-from mergekit_drm.parameters import ALPHA, AT_LEAST_ONE, MUDSC_MODE, NON_NEGATIVE, POSITIVE, typed
+from mergekit_drm.method_options import MUDSC
 
 PRETTY_NAME = "MuDSC"
 REFERENCE_URL = "https://arxiv.org/abs/2403.01753"
-
-
-def _checked(kind, check):
-    return Annotated[kind, AfterValidator(check)]
-
-
-def _rule(name: str, rule):
-    return typed("mudsc", name, rule)
 
 
 def _calibration(value: str) -> str:
@@ -73,47 +60,14 @@ def _saved(value: str) -> str:
     return value
 
 
-S = ParameterScope.SHARED
-PARAMETERS = (
-    ParameterSpec("weight", float, ParameterScope.INPUT, default=1.0,
-                  description="per-model coefficient of the (aligned) average"),
-    ParameterSpec("alpha", _rule("alpha", ALPHA), S, default=0.5,
-                  description="weight on weight-space similarity; 1 = data-free"),
-    ParameterSpec("mode", _rule("mode", MUDSC_MODE), S, default="align"),
-    ParameterSpec("iterations", _rule("iterations", AT_LEAST_ONE), S, default=100),
-    ParameterSpec("patience", _rule("patience", AT_LEAST_ONE), S, default=5),
-    ParameterSpec("seed", _rule("seed", NON_NEGATIVE), S, default=0),
-    ParameterSpec("calibration", _checked(str, _calibration), S, default="",
-                  description=".txt or .jsonl; empty = bundled English corpus"),
-    ParameterSpec("calibration_samples", _rule("calibration_samples", AT_LEAST_ONE), S, default=64),
-    ParameterSpec("calibration_seq_len", _rule("calibration_seq_len", AT_LEAST_ONE), S, default=128),
-    ParameterSpec("calibration_batch_size", _rule("calibration_batch_size", AT_LEAST_ONE), S, default=8),
-    ParameterSpec("calibration_tokenizer", str, S, default="",
-                  description="tokenizer path; empty = the first model's"),
-    ParameterSpec("max_stats_gib", _rule("max_stats_gib", POSITIVE), S, default=4.0,
-                  description="activation statistics held at once; more passes if exceeded"),
-    ParameterSpec("alignment", _checked(str, _saved), S, default="",
-                  description="directory written by mergekit-mudsc-align; skips the search"),
-)
+# Declared in method_options.MUDSC; the two paths are checked when parsed.
+PARAMETERS = MUDSC.parameter_specs(extra={"calibration": _calibration, "alignment": _saved})
 
 
 def alignment_options(values: Mapping[str, Any]) -> Tuple[SolverOptions, CalibrationOptions]:
     """The search and calibration settings from validated parameter values."""
-    solver = SolverOptions(
-        alpha=float(values["alpha"]),
-        mode=values["mode"],
-        iterations=int(values["iterations"]),
-        patience=int(values["patience"]),
-        seed=int(values["seed"]),
-    )
-    calibration = CalibrationOptions(
-        path=values["calibration"] or None,
-        samples=int(values["calibration_samples"]),
-        seq_len=int(values["calibration_seq_len"]),
-        batch_size=int(values["calibration_batch_size"]),
-        tokenizer=values["calibration_tokenizer"] or None,
-        max_stats_gib=float(values["max_stats_gib"]),
-    )
+    solver = SolverOptions(**MUDSC.kernel_kwargs(values, SolverOptions, skip=("weight",)))
+    calibration = CalibrationOptions(**MUDSC.kernel_kwargs(values, CalibrationOptions, skip=("weight",)))
     return solver, calibration
 
 
