@@ -76,52 +76,72 @@ def zip_flat(
     within-model similarities are barred. Row maxima are cached, so a fusion
     costs O(N*O) rather than a scan of the whole matrix; the loop runs in numpy
     (single-threaded small vector ops; torch's thread pool only adds latency).
-    One function on purpose (~90 lines): the loop and its two helpers update the
-    same cached row maxima, budgets and members in place; split, they would pass
-    eight pieces of state around a hot loop.
+    The state the steps share (matrix, cached row maxima, budgets, members)
+    lives in one ``_Zip`` object.
     """
     n = similarity.shape[0]
-    units = n // num_models
     sim = similarity.detach().to("cpu", torch.float32).numpy().copy()
     if not np.isfinite(sim).all():
         raise FloatingPointError("similarity matrix has NaN or infinite entries")
-    np.fill_diagonal(sim, NEG)
-    owner = np.arange(n) // units
-    members: List[List[int]] = [[u] for u in range(n)]
-    alive = np.ones(n, dtype=bool)
-    to_remove = n - target
-    budget = int(b * (to_remove // num_models))
-    used = [0] * num_models
+    zip_ = _Zip(sim, num_models, budget=int(b * ((n - target) // num_models)))
     scores = []
-    row_arg = sim.argmax(axis=1)
-    row_best = sim[np.arange(n), row_arg]
+    for _ in range(n - target):
+        r, c, best = zip_.best_pair()
+        scores.append(best)
+        zip_.fuse(r, c, a)
+        zip_.charge_budget(r, c)
+    return zip_.maps(), (sum(scores) / len(scores)) if scores else 1.0
 
-    def rescan(rows: np.ndarray) -> None:
+
+class _Zip:
+    """zip_flat's working state: the similarity matrix (fused rows replace
+    their pair, dead rows are -inf), each row's cached best partner, the
+    members of each live slot, and the within-model budgets."""
+
+    def __init__(self, sim: np.ndarray, num_models: int, budget: int):
+        n = sim.shape[0]
+        np.fill_diagonal(sim, NEG)
+        self.sim = sim
+        self.n = n
+        self.num_models = num_models
+        self.units = n // num_models
+        self.owner = np.arange(n) // self.units
+        self.members: List[List[int]] = [[u] for u in range(n)]
+        self.alive = np.ones(n, dtype=bool)
+        self.budget = budget
+        self.used = [0] * num_models
+        self.row_arg = sim.argmax(axis=1)
+        self.row_best = sim[np.arange(n), self.row_arg]
+        for m in range(num_models):
+            if budget <= 0:
+                self.close_model(m)
+
+    def rescan(self, rows: np.ndarray) -> None:
         if rows.size:
-            args = sim[rows].argmax(axis=1)
-            row_arg[rows] = args
-            row_best[rows] = sim[rows, args]
+            args = self.sim[rows].argmax(axis=1)
+            self.row_arg[rows] = args
+            self.row_best[rows] = self.sim[rows, args]
 
-    def close_model(m: int) -> None:
-        block = slice(m * units, (m + 1) * units)
-        sim[block, block] = NEG
-        rescan(np.arange(m * units, (m + 1) * units))
+    def close_model(self, m: int) -> None:
+        """Bar every further fusion of two units of model ``m``."""
+        block = slice(m * self.units, (m + 1) * self.units)
+        self.sim[block, block] = NEG
+        self.rescan(np.arange(m * self.units, (m + 1) * self.units))
 
-    for m in range(num_models):
-        if budget <= 0:
-            close_model(m)
-    remaining = n
-    while remaining > target:
-        r = int(row_best.argmax())
-        c = int(row_arg[r])
-        best = float(row_best[r])
+    def best_pair(self) -> Tuple[int, int, float]:
+        """The most similar live pair (r < c) and its similarity."""
+        r = int(self.row_best.argmax())
+        c = int(self.row_arg[r])
+        best = float(self.row_best[r])
         if best == NEG:
             raise RuntimeError("zip ran out of admissible pairs; lower the same-model budget")
-        if r > c:
-            r, c = c, r
-        scores.append(best)
-        members[r].extend(members[c])
-        members[c] = []
+        return (r, c, best) if r < c else (c, r, best)
+
+    def fuse(self, r: int, c: int, a: float) -> None:
+        """Slot r takes c's members; its row becomes a * min of the two rows."""
+        sim, alive, n = self.sim, self.alive, self.n
+        self.members[r].extend(self.members[c])
+        self.members[c] = []
         alive[c] = False
         if a <= 0:
             fused = np.full(n, NEG, dtype=np.float32)
@@ -133,27 +153,31 @@ def zip_flat(
         sim[:, r] = fused
         sim[c, :] = NEG
         sim[:, c] = NEG
-        row_best[c] = NEG
+        self.row_best[c] = NEG
         # rows whose best partner was r or c rescan; the others can only gain via column r
-        stale = ((row_arg == r) | (row_arg == c)) & alive
+        stale = ((self.row_arg == r) | (self.row_arg == c)) & alive
         stale[r] = True
-        gain = (fused > row_best) & alive & ~stale
-        row_best[gain] = fused[gain]
-        row_arg[gain] = r
-        rescan(np.flatnonzero(stale))
-        if owner[r] == owner[c]:
-            m = int(owner[r])
-            used[m] += 1
-            if used[m] >= budget:
-                close_model(m)
-        remaining -= 1
-    slots = [s for s in range(n) if alive[s]]
-    slots.sort(key=lambda s: min(members[s]))
-    maps = [torch.empty(units, dtype=torch.long) for _ in range(num_models)]
-    for k, s in enumerate(slots):
-        for u in members[s]:
-            maps[u // units][u % units] = k
-    return maps, (sum(scores) / len(scores)) if scores else 1.0
+        gain = (fused > self.row_best) & alive & ~stale
+        self.row_best[gain] = fused[gain]
+        self.row_arg[gain] = r
+        self.rescan(np.flatnonzero(stale))
+
+    def charge_budget(self, r: int, c: int) -> None:
+        """A within-model fusion uses that model's budget; at its end the model closes."""
+        if self.owner[r] == self.owner[c]:
+            m = int(self.owner[r])
+            self.used[m] += 1
+            if self.used[m] >= self.budget:
+                self.close_model(m)
+
+    def maps(self) -> List[torch.Tensor]:
+        """Each model's unit -> merged slot, slots ordered by their first member."""
+        slots = sorted((s for s in range(self.n) if self.alive[s]), key=lambda s: min(self.members[s]))
+        maps = [torch.empty(self.units, dtype=torch.long) for _ in range(self.num_models)]
+        for k, s in enumerate(slots):
+            for u in self.members[s]:
+                maps[u // self.units][u % self.units] = k
+        return maps
 
 
 # --- attention ----------------------------------------------------------------

@@ -15,7 +15,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -192,58 +192,81 @@ def solve(
     options: SolverOptions,
     progress: Optional[Callable[[str], None]] = None,
 ) -> Alignment:
-    """Maps for every group of ``spec`` (model 0 is the reference)."""
+    """Maps for every group of ``spec`` (model 0 is the reference).
+
+    alpha < 1: one pass matching every group on activations alone (the
+    starting point); alpha > 0: sweeps of weight-aware re-matching until
+    the mean matched similarity stops improving (``_Search.sweep``).
+    """
     _check_solve(options, len(weights), activation)
-    n = len(weights)
-    full = options.mode == "zip"
-    groups = list(spec.groups.values())
-    maps = identity_maps(spec, n)
-    scores: Dict[str, float] = {}
-    say = progress or (lambda message: None)
     started = time.perf_counter()
-
-    def visit(group: Group, use_weights: bool) -> None:
-        wsim = weight_similarity(spec, group, weights, maps, full) if use_weights else {}
-        sims = {
-            space: blend(wsim.get(space), None if activation is None else activation[group.name][space], options.alpha)
-            for space in similarity_spaces(group)
-        }
-        new_maps, score = match_group(group, sims, n, options.mode)
-        maps[group.name] = new_maps
-        scores[group.name] = score
-
+    search = _Search(spec, weights, activation, options)
     if options.alpha < 1.0:
-        for group in groups:
-            visit(group, use_weights=False)
+        for group in search.groups:
+            search.visit(group, use_weights=False)
     history: List[float] = []
     sweeps = 0
     if options.alpha > 0.0:
-        rng = np.random.default_rng(options.seed)
-        best_maps, best, best_scores = copy.deepcopy(maps), float("-inf"), dict(scores)
-        stale = 0
-        for sweep in range(options.iterations):
-            for k in rng.permutation(len(groups)):
-                visit(groups[k], use_weights=True)
-            sweeps += 1
-            objective = float(np.mean([scores[g.name] for g in groups]))
-            history.append(objective)
-            say(f"mudsc sweep {sweep + 1}: mean matched similarity {objective:.6f}")
-            if objective > best + 1e-9:
-                best, best_maps, stale = objective, copy.deepcopy(maps), 0
-                best_scores = dict(scores)
-            else:
-                stale += 1
-                maps = copy.deepcopy(best_maps)
-                if stale >= options.patience:
-                    break
-        maps = best_maps
-        scores = best_scores
-    elif scores:
-        history.append(float(np.mean(list(scores.values()))))
+        history, sweeps = search.sweep(progress or (lambda message: None))
+    elif search.scores:
+        history.append(float(np.mean(list(search.scores.values()))))
     metadata = dict(
         alpha=options.alpha, mode=options.mode, iterations=options.iterations,
         patience=options.patience, seed=options.seed, sweeps=sweeps,
-        objective_history=history, group_scores=dict(scores),
+        objective_history=history, group_scores=dict(search.scores),
         solve_seconds=time.perf_counter() - started, architecture=spec.architecture,
     )
-    return Alignment(n, maps, metadata=metadata)
+    return Alignment(len(weights), search.maps, metadata=metadata)
+
+
+class _Search:
+    """The maps and per-group scores that ``solve``'s steps update."""
+
+    def __init__(self, spec: PermutationSpec, weights, activation, options: SolverOptions):
+        self.spec, self.weights, self.activation, self.options = spec, weights, activation, options
+        self.n = len(weights)
+        self.groups = list(spec.groups.values())
+        self.maps = identity_maps(spec, self.n)
+        self.scores: Dict[str, float] = {}
+
+    def visit(self, group: Group, use_weights: bool) -> None:
+        """Re-match one group under the other groups' current maps."""
+        options = self.options
+        wsim = (weight_similarity(self.spec, group, self.weights, self.maps, options.mode == "zip")
+                if use_weights else {})
+        sims = {
+            space: blend(wsim.get(space),
+                         None if self.activation is None else self.activation[group.name][space],
+                         options.alpha)
+            for space in similarity_spaces(group)
+        }
+        new_maps, score = match_group(group, sims, self.n, options.mode)
+        self.maps[group.name] = new_maps
+        self.scores[group.name] = score
+
+    def sweep(self, say: Callable[[str], None]) -> Tuple[List[float], int]:
+        """Sweeps over the groups in random order; a sweep that does not improve
+        the mean score is undone, ``patience`` of them in a row stop the search.
+        Leaves the best maps and scores; returns (objective per sweep, sweeps)."""
+        options = self.options
+        rng = np.random.default_rng(options.seed)
+        best_maps, best, best_scores = copy.deepcopy(self.maps), float("-inf"), dict(self.scores)
+        history: List[float] = []
+        stale = sweeps = 0
+        for sweep in range(options.iterations):
+            for k in rng.permutation(len(self.groups)):
+                self.visit(self.groups[k], use_weights=True)
+            sweeps += 1
+            objective = float(np.mean([self.scores[g.name] for g in self.groups]))
+            history.append(objective)
+            say(f"mudsc sweep {sweep + 1}: mean matched similarity {objective:.6f}")
+            if objective > best + 1e-9:
+                best, best_maps, stale = objective, copy.deepcopy(self.maps), 0
+                best_scores = dict(self.scores)
+            else:
+                stale += 1
+                self.maps = copy.deepcopy(best_maps)
+                if stale >= options.patience:
+                    break
+        self.maps, self.scores = best_maps, best_scores
+        return history, sweeps
