@@ -22,12 +22,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
+
+try:
+    import fcntl
+except ImportError:  # Windows: msvcrt's byte-range lock on the same lock file
+    fcntl = None
+    import msvcrt
 
 import torch
 
@@ -123,11 +128,17 @@ def merge_into_summary(path: Path, header: Dict, rows: Dict[str, Dict]) -> None:
 def _locked(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        else:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            else:
+                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
 
 
 def main(argv=None) -> None:
