@@ -39,14 +39,33 @@ def check_finite(
     tensor_name: str,
     model: Optional[Any] = None,
     fix: Optional[str] = None,
+    source: Optional[Any] = None,
 ) -> None:
-    """Raise ``NonFiniteError`` naming tensor and model if ``tensor`` is not all finite."""
+    """Raise ``NonFiniteError`` naming tensor and model if ``tensor`` is not all finite.
+
+    ``source``: the mergekit model reference the tensor was read from, when
+    ``model`` is a label; with either, an inf that mergekit's cast to the
+    YAML's ``dtype:`` produced from a finite checkpoint is reported as such
+    (``overflow.cast_overflow``), not blamed on the checkpoint.
+    """
     if not tensor.is_floating_point() or _all_finite(tensor):
         return
     nan = int(torch.isnan(tensor).sum())
     inf = int(torch.isinf(tensor).sum())
     first = torch.nonzero(~torch.isfinite(tensor))[0].tolist()
     of_model = f" of model {model}" if model is not None else ""
+    cast = None
+    if model is not None or source is not None:
+        from mergekit_drm.overflow import cast_overflow
+
+        cast = cast_overflow(tensor, source if source is not None else model, tensor_name)
+    if cast is not None and cast[0]:
+        raise NonFiniteError(
+            f"{method}: tensor {tensor_name}{of_model} holds {inf} inf value(s) as read "
+            f"(first at index {tuple(first)}). {cast[1]}"
+        )
+    if cast is not None:
+        fix = cast[1]
     raise NonFiniteError(
         f"{method}: tensor {tensor_name}{of_model} holds {nan} NaN and {inf} inf "
         f"value(s) (first at index {tuple(first)}); a merge would spread them or silently "

@@ -71,6 +71,7 @@ class SubspaceMerge(CleansPartialOutput, GroupMergeMethod):
         name = group.metadata.name or "<tensor>"
         check_finite(
             base, method=self.spec.name, tensor_name=name, model=f"{group.base.id} (the base model)",
+            source=group.base.id,
             fix="Repair or re-download the base checkpoint; every merged tensor adds to it.",
         )
         for entry in entries:
@@ -79,16 +80,31 @@ class SubspaceMerge(CleansPartialOutput, GroupMergeMethod):
             params["compute_dtype"], [base] + [entry.tensor for entry in entries]
         )
         weights = [params["weight"][entry.id] for entry in entries]
-        base_c = base.to(compute_dtype)
-        deltas = [entry.tensor.to(compute_dtype) - base_c for entry in entries]
+        # The base in the compute dtype only when it is wider (a float64
+        # checkpoint merged in float32); bf16 and float32 mix in exactly.
+        base_c = base
+        if torch.promote_types(base.dtype, compute_dtype) != compute_dtype:
+            base_c = base.to(compute_dtype)
+
+        def delta(entry, out=None):
+            out = torch.empty(base.shape, dtype=compute_dtype, device=base.device) if out is None else out
+            return out.copy_(entry.tensor).sub_(base_c)
+
         if params["decompose"] and group.metadata.vocabulary_axis is None and base.dim() == 2:
+            deltas = [delta(entry) for entry in entries]
             merged = self._merge_layout(deltas, weights, name, group, params, compute_dtype)
+            del deltas
         else:
-            # The papers' rule for what they do not decompose: the mean.
-            merged = sum(d * w for d, w in zip(deltas, weights)) / len(deltas)
-        del deltas
-        merged = merged * params["lambda"] + base_c
-        return merged.to(base.dtype)
+            # The papers' rule for what they do not decompose: the mean, summed
+            # one model at a time (vocabulary tensors: no N copies in the compute dtype).
+            merged = torch.zeros(base.shape, dtype=compute_dtype, device=base.device)
+            scratch = torch.empty_like(merged)
+            for entry, weight in zip(entries, weights):
+                merged.add_(delta(entry, scratch).mul_(weight))
+            del scratch
+            merged.div_(len(entries))
+        merged.mul_(params["lambda"]).add_(base_c)
+        return checked_cast(merged, base.dtype, method=self.spec.name, tensor_name=name, params=params)
 
     def _merge_layout(self, deltas, weights, name, group, params, compute_dtype):
         """Fused projections (q/k/v, gate/up in one tensor) merge part by part,

@@ -27,6 +27,7 @@ from mergekit_drm.checks import check_finite
 from mergekit_drm.drm.kernel import compute_dtype_for, drm_merge_matrix, elementwise_merge
 from mergekit_drm.compat import CleansPartialOutput
 from mergekit_drm.method_options import DRM
+from mergekit_drm.overflow import checked_cast
 from mergekit_drm.preflight import model_config, planning_checks, require_task_vectors
 
 PRETTY_NAME = "DRM"
@@ -75,6 +76,7 @@ class DRMMerge(CleansPartialOutput, GroupMergeMethod):
         name = group.metadata.name or "<tensor>"
         check_finite(
             base, method="drm", tensor_name=name, model=f"{group.base.id} (the base model)",
+            source=group.base.id,
             fix="Repair or re-download the base checkpoint; every merged tensor adds to it.",
         )
         for entry in entries:
@@ -85,34 +87,42 @@ class DRMMerge(CleansPartialOutput, GroupMergeMethod):
             params["compute_dtype"], [base] + [entry.tensor for entry in entries]
         )
         weights = [params["weight"][entry.id] for entry in entries]
-        base_c = base.to(compute_dtype)
-        deltas = torch.empty(
-            (len(entries),) + tuple(base.shape), dtype=compute_dtype, device=base.device
-        )
-        for index, entry in enumerate(entries):
-            torch.sub(entry.tensor.to(compute_dtype), base_c, out=deltas[index])
-
+        # The base in the compute dtype only when it is wider (a float64
+        # checkpoint merged in float32); bf16 and float32 mix in exactly.
+        base_c = base
+        if torch.promote_types(base.dtype, compute_dtype) != compute_dtype:
+            base_c = base.to(compute_dtype)
         decompose = (
             params["decompose"]
             and group.metadata.vocabulary_axis is None
             and base.dim() >= 2
         )
         if decompose:
+            # The joint SVD needs the N deltas in the compute dtype: built in
+            # place, one model at a time (no cast copy of each input, no cast base).
+            deltas = torch.empty(
+                (len(entries),) + tuple(base.shape), dtype=compute_dtype, device=base.device
+            )
+            for index, entry in enumerate(entries):
+                deltas[index].copy_(entry.tensor).sub_(base_c)
             merged = self._merge_matrix(
                 deltas, weights, name, group, densities.pop(), params, compute_dtype
             )
+            del deltas
         else:
+            # Vocabulary tensors: the kernel streams over the models' slices
+            # and never holds the N deltas in the compute dtype.
             merged = elementwise_merge(
-                deltas,
+                [entry.tensor for entry in entries],
                 weights,
+                base=base_c,
                 **DRM.kernel_kwargs(
                     params, elementwise_merge, models=[e.id for e in entries], where=name,
                     skip=("weight", "lambda"), compute_dtype=compute_dtype,
                 ),
             )
-        del deltas
         merged.mul_(params["lambda"]).add_(base_c)
-        return merged.to(base.dtype)
+        return checked_cast(merged, base.dtype, method="drm", tensor_name=name, params=params)
 
     def _merge_matrix(self, deltas, weights, name, group, density, params, compute_dtype):
         config = model_config(group.base.id)

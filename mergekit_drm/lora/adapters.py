@@ -151,15 +151,29 @@ def read_adapter_config(path: str, label: str) -> Dict[str, Any]:
     return config
 
 
+def _unreadable(label: str, file: str, exc: Exception) -> str:
+    return (
+        f"{label}: cannot read the adapter weights {file} ({type(exc).__name__}: {exc}); the "
+        "file is truncated or not a PEFT adapter file: copy or download the adapter again "
+        "(or save it again with PEFT's save_pretrained)"
+    )
+
+
 def _load_state(path: str, label: str) -> Dict[str, torch.Tensor]:
     file = os.path.join(path, SAFETENSORS_NAME)
     if os.path.isfile(file):
         from safetensors.torch import load_file
 
-        return load_file(file, device="cpu")
+        try:
+            return load_file(file, device="cpu")
+        except Exception as exc:  # SafetensorError, or an OSError: a truncated or foreign file
+            raise AdapterError(_unreadable(label, file, exc)) from None
     file = os.path.join(path, BIN_NAME)
     if os.path.isfile(file):
-        return torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise AdapterError(_unreadable(label, file, exc)) from None
     raise AdapterError(
         f"{label}: no adapter weights in {path} (expected {SAFETENSORS_NAME} or {BIN_NAME})"
     )

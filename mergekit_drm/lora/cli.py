@@ -22,6 +22,27 @@ from mergekit_drm.lora.peft_output import check_output_dir, write_adapter
 from mergekit_drm.lora.plan import plan_lora_merge
 
 
+def check_rank(rank: int, shapes, warn) -> None:
+    """``--rank`` above a matrix's full rank min(n, m) only pads zeros: refused when
+    it exceeds every target matrix's, reported when it exceeds some."""
+    full = [min(shape) for shape in shapes]
+    if not full:
+        return
+    if rank > max(full):
+        raise LoraMergeError(
+            f"--rank {rank} exceeds the full rank of every target matrix (at most "
+            f"{max(full)} here): the factors would only be padded with zeros to rank {rank}. "
+            f"Use --rank {max(full)} or less, or leave --rank out for each module's exact merged rank."
+        )
+    padded = sum(1 for value in full if rank > value)
+    if padded:
+        warn(
+            f"Warning: --rank {rank} exceeds the full rank of {padded} of {len(full)} target "
+            f"matrices (smallest {min(full)}); those are stored zero-padded to rank {rank}",
+            err=True,
+        )
+
+
 @click.command("mergekit-drm-lora")
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out_path", type=click.Path())
@@ -94,6 +115,8 @@ def main(
             f"Merging {len(plan.entries)} adapters over {len(plan.modules)} target "
             f"matrices with {plan.method.name}"
         )
+        if rank is not None:
+            check_rank(rank, [module.shape for module in plan.modules], click.echo)
         result = execute_plan(plan, rank=rank, device=device)
         write_adapter(plan, result, out_path, force=force, write_card=write_model_card)
     except LoraMergeError as exc:

@@ -104,8 +104,17 @@ class Alignment:
                     f"mudsc: saved alignment {directory!r} lacks {os.path.basename(path)}; "
                     "write one with `mergekit-mudsc-align config.yml --alignment-out DIR`"
                 )
-        with open(meta_path) as handle:
-            meta = json.load(handle)
+        redo = "recompute it with `mergekit-mudsc-align config.yml --alignment-out DIR`"
+        try:
+            with open(meta_path, encoding="utf-8") as handle:
+                meta = json.load(handle)
+        except (ValueError, OSError) as exc:  # truncated or not JSON (UnicodeDecodeError is a ValueError)
+            raise ValueError(
+                f"mudsc: saved alignment file {meta_path} cannot be read ({type(exc).__name__}: "
+                f"{exc}); the file is truncated or not an alignment: {redo}"
+            ) from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"mudsc: saved alignment file {meta_path} is not a JSON object: {redo}")
         version = meta.get("format_version")
         lacking = [key for key in ("identities", "parameters") if key not in meta]
         if version == FORMAT_VERSION and lacking:
@@ -125,7 +134,14 @@ class Alignment:
             )
         n = int(meta["num_models"])
         maps: Dict[str, Dict[str, List[Optional[torch.Tensor]]]] = {}
-        for key, value in load_file(tensor_path).items():
+        try:
+            stored = load_file(tensor_path)
+        except Exception as exc:  # SafetensorError: truncated or not a safetensors file
+            raise ValueError(
+                f"mudsc: saved alignment file {tensor_path} cannot be read ({type(exc).__name__}: "
+                f"{exc}); the file is truncated or not an alignment: {redo}"
+            ) from None
+        for key, value in stored.items():
             group, space, i = key.rsplit("/", 2)
             maps.setdefault(group, {}).setdefault(space, [None] * n)[int(i)] = value
         return cls(n, maps, meta)

@@ -47,8 +47,14 @@ def load_texts(path: Optional[str] = None) -> List[str]:
     """Paragraphs of a .txt file, or the ``text`` fields of a .jsonl file."""
     path = path or default_corpus_path()
     check_calibration_path(path)
-    with open(path, encoding="utf-8") as handle:
-        raw = handle.read()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = handle.read()
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"mudsc calibration file {path!r} is not UTF-8 text (byte {exc.start} cannot be "
+            f"decoded: a binary file?): {_WHAT}"
+        ) from None
     if path.endswith(".jsonl"):
         texts = []
         for number, line in enumerate(raw.splitlines(), 1):

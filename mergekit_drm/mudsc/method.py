@@ -38,6 +38,7 @@ from mergekit_drm.mudsc.engine import (
 )
 from mergekit_drm.mudsc.solver import SolverOptions
 from mergekit_drm.method_options import MUDSC
+from mergekit_drm.overflow import checked_cast
 
 PRETTY_NAME = "MuDSC"
 REFERENCE_URL = "https://arxiv.org/abs/2403.01753"
@@ -142,7 +143,7 @@ class MuDSCMerge(CleansPartialOutput, GroupMergeMethod):
         merged = merge_tensor(
             tensor_spec, [entry.tensor for entry in entries], weights, result.alignment
         )
-        return merged.to(entries[0].tensor.dtype)
+        return checked_cast(merged, entries[0].tensor.dtype, method="mudsc", tensor_name=name, params=params)
 
 
 mudsc_merge_method = MuDSCMerge()
