@@ -20,6 +20,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from mergekit_drm.checks import UNKNOWN_PARAMETERS_ENV, NonFiniteError
+from mergekit_drm.overflow import OutputOverflowError
 from mergekit_drm.drm.kernel import drm_merge_matrix, elementwise_merge
 from tests.tiny_models import CONFIGS, build_finetunes
 
@@ -102,6 +103,61 @@ def test_non_finite_input_fails_naming_tensor_and_model(models, tmp_path, where,
     assert ("(1, 2)" if tensor == Q else "(2,)") in message
     assert "Repair" in message
     assert _nothing_written(out)
+
+
+@pytest.mark.parametrize("where", ["finetune", "base"])
+def test_finite_entry_that_overflows_the_requested_dtype_blames_the_cast(models, tmp_path, where):
+    """Before: "repair or re-export that checkpoint" for a finite 3e38 read with dtype: float16."""
+    (base, ft1, ft2), _ = models
+    if where == "base":
+        base = culprit = _poisoned(base, str(tmp_path / "big"), Q, 3e38)
+    else:
+        ft1 = culprit = _poisoned(ft1, str(tmp_path / "big"), Q, 3e38)
+    config = dict(_config(base, [ft1, ft2]), dtype="float16")
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteError) as info:
+        _run(config, out)
+    message = str(info.value)
+    assert Q in message and culprit in message
+    assert "The checkpoint is finite" in message and "the cast to float16" in message
+    assert "dtype: bfloat16" in message and "Repair" not in message
+    assert _nothing_written(out)
+
+
+def test_lambda_that_overflows_names_lambda(models, tmp_path):
+    """Before: exit 0 and a model that is inf everywhere (lambda 1e39 is finite in Python)."""
+    (base, ft1, ft2), _ = models
+    out = tmp_path / "out"
+    config = dict(_config(base, [ft1, ft2], **{"lambda": 1e39}), dtype="bfloat16")
+    with pytest.raises(OutputOverflowError) as info:
+        _run(config, out)
+    message = str(info.value)
+    assert "lambda 1e+39" in message and "smaller `lambda`" in message and "the merged tensor " in message
+    assert _nothing_written(out)
+
+
+@pytest.mark.parametrize(
+    "edit, needles",
+    [
+        (lambda c: c["parameters"].update(density="abc"), ["drm parameter `density` must be a number", "'abc'"]),
+        (lambda c: c["models"][0].update(parameters={"weight": "heavy"}), ["drm parameter `weight`", "of model"]),
+        (lambda c: c["parameters"].update(weight=float("nan")), ["drm parameter `weight` must be a finite number"]),
+        (lambda c: c["parameters"].update(decompose="maybe"), ["drm parameter `decompose` must be true or false"]),
+    ],
+)
+def test_bad_values_are_refused_at_planning_naming_the_parameter(models, tmp_path, edit, needles):
+    """Before: pydantic errors naming neither parameter nor model, or (weight .nan) a NaN model."""
+    (base, ft1, ft2), _ = models
+    config = _config(base, [ft1, ft2])
+    edit(config)
+    out = tmp_path / "out"
+    with pytest.raises(Exception) as info:
+        _run(config, out)
+    for needle in needles:
+        assert needle in str(info.value), str(info.value)
+    if "of model" in needles:
+        assert ft1 in str(info.value)
+    assert not out.exists()
 
 
 def test_kernels_refuse_non_finite_deltas():

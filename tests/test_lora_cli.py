@@ -490,6 +490,12 @@ def _bad_inputs(root, base, good):
     save_file(state, os.path.join(bad_rank, "adapter_model.safetensors"))
     cases["inconsistent_factors"] = ([good, bad_rank], [], "different ranks")
     cases["full_model"] = ([good, ("full", base)], [], "full model")
+    truncated = os.path.join(root, "truncated")
+    shutil.copytree(good, truncated)
+    weights = os.path.join(truncated, "adapter_model.safetensors")
+    with open(weights, "r+b") as handle:  # an interrupted copy: the header promises more bytes
+        handle.truncate(os.path.getsize(weights) // 2)
+    cases["truncated_weights"] = ([good, truncated], [], f"cannot read the adapter weights {weights}")
     return cases
 
 
@@ -505,7 +511,7 @@ def bad_inputs(tmp_path_factory, llama32):
     [
         "different_base_name", "different_base_shapes", "dora", "ia3", "embedding",
         "modules_to_save", "lm_head", "head_with_weights", "missing_weights", "missing_config",
-        "missing_dir", "inconsistent_factors", "full_model",
+        "missing_dir", "inconsistent_factors", "full_model", "truncated_weights",
     ],
 )
 def test_errors_before_writing(tmp_path, llama32, bad_inputs, case):
@@ -538,6 +544,12 @@ def _full_model_copy(tmp_path, base):
         (lambda c: c.pop("base_model"), "base_model"),
         (lambda c: c["parameters"].update(decompose=False), "decompose"),
         (lambda c: c["models"][0]["parameters"].update(density=0.9), "one value"),
+        # Before: a raw LinAlgError (iso_c) naming no parameter.
+        (lambda c: (c.update(merge_method="iso_c"), c["parameters"].pop("density"),
+                    c["models"][0]["parameters"].update(weight=float("nan"))),
+         "iso_c parameter `weight` must be a finite number"),
+        (lambda c: c["parameters"].update(density="abc"), "drm parameter `density` must be a number"),
+        (lambda c: c["parameters"].update(decompose="maybe"), "drm parameter `decompose` must be true or false"),
     ],
 )
 def test_config_errors_before_writing(tmp_path, llama32, edit, message):
@@ -600,3 +612,23 @@ def test_subspace_methods_adapter_equals_dense_merge(tmp_path, llama64, method, 
         assert int(torch.linalg.matrix_rank(delta)) <= ranks[module] <= bound, module
     assert len(moved) == 14
     assert f"[{'TSV-M' if method == 'tsv_m' else method.replace('iso_c', 'Iso-C').replace('Iso-Cts', 'Iso-CTS')}]" in (out / "README.md").read_text()
+
+
+def test_rank_above_every_module_full_rank_is_refused(tmp_path, llama32):
+    """Before: --rank 1000 on 32-wide matrices saved factors zero-padded to rank 1000."""
+    base, paths = llama32
+    config = yaml_config(base, [paths["a1"]], [1.0], {"density": 0.3})
+    out, result = run_cli(tmp_path, config, "--rank", "1000", expect_ok=False)
+    assert result.exit_code != 0 and "--rank 1000 exceeds the full rank of every target matrix" in result.output
+    assert "at most 32" in result.output and not out.exists()
+
+
+def test_rank_above_some_modules_full_rank_is_reported():
+    from mergekit_drm.lora.cli import check_rank
+
+    said = []
+    check_rank(40, [(32, 32), (48, 64), (64, 48)], lambda text, err: said.append(text))
+    assert len(said) == 1 and "1 of 3 target matrices" in said[0] and "smallest 32" in said[0]
+    said.clear()
+    check_rank(32, [(32, 32), (48, 64)], lambda text, err: said.append(text))
+    assert not said

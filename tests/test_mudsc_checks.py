@@ -148,6 +148,38 @@ def test_format_1_alignment_is_refused(pair, tmp_path):
     )
 
 
+@pytest.mark.parametrize("name", ["alignment.safetensors", "alignment.json"])
+def test_truncated_saved_alignment_names_the_file(pair, tmp_path, name):
+    """Before: a raw SafetensorError / JSONDecodeError naming no file."""
+    cut = tmp_path / "cut"
+    shutil.copytree(pair["saved"], cut)
+    path = cut / name
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+    message = _refused_before_writing(
+        _config([pair["path_a"], pair["path_b"]], alignment=str(cut)), tmp_path / "out",
+        f"saved alignment file {path} cannot be read", "truncated", "recompute it",
+    )
+    assert "mergekit-mudsc-align" in message
+
+
+def test_binary_calibration_file_names_the_file(pair, tmp_path):
+    """Before: a raw UnicodeDecodeError."""
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(bytes(range(128, 256)) * 8)
+    _refused_before_writing(
+        _config([pair["path_a"], pair["path_b"]], calibration=str(path)), tmp_path / "out",
+        str(path), "is not UTF-8 text",
+    )
+
+
+def test_negative_weight_is_refused_during_planning(pair, tmp_path):
+    """Before: accepted, although the merge's own text says weights must be positive."""
+    config = _config([pair["path_a"], pair["path_b"]])
+    config["models"][1]["parameters"] = {"weight": -0.5}
+    _refused_before_writing(config, tmp_path / "out", "mudsc parameter `weight`", "not be negative", pair["path_b"])
+
+
 # --- non-finite weights ---------------------------------------------------------------------
 
 
