@@ -147,6 +147,9 @@ def check_parameter_names(config: Any, spec: Any) -> None:
     """
     from mergekit_drm.method_options import OPTIONS, unknown_parameters_mode
 
+    from mergekit_drm.overflow import plan_output_dtype
+
+    plan_output_dtype(spec.name, getattr(config, "out_dtype", None))
     if config is None:
         return
     mode = unknown_parameters_mode()

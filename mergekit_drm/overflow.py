@@ -20,13 +20,26 @@ asserting either.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
 
 class OutputOverflowError(ValueError):
     """A merged tensor is not finite in the dtype it is returned in."""
+
+
+# mergekit returns a method's tensor in the inputs' dtype and casts it to the
+# YAML's `out_dtype:` only when writing. The planning call that sees the
+# configuration records it here per method (``plan_output_dtype``), so the
+# output check covers that cast too. One merge per method at a time (as
+# mergekit runs them); the next planning replaces the entry.
+_out_dtypes: Dict[str, Optional[str]] = {}
+
+
+def plan_output_dtype(method: str, out_dtype: Optional[str]) -> None:
+    """Record the merge's ``out_dtype:`` (None: the returned dtype is written)."""
+    _out_dtypes[method] = out_dtype
 
 
 def _wider(dtype: torch.dtype) -> str:
@@ -68,7 +81,10 @@ def checked_cast(
     merge was already inf/NaN in its compute dtype) or the output dtype.
     """
     out = merged.to(dtype)
-    if not out.is_floating_point() or _all_finite(out):
+    if not out.is_floating_point():
+        return out
+    if _all_finite(out):
+        _check_written_dtype(out, method, tensor_name, params)
         return out
     scalars = _scalars(params)
     if not _all_finite(merged):
@@ -87,6 +103,29 @@ def checked_cast(
         f"{method}: the merged tensor {tensor_name} holds values up to {largest:.3g}, beyond "
         f"{name}'s largest {limit:.3g}, so the cast to {name} overflowed to inf{cause}. "
         f"To keep these values, {_wider(dtype)}."
+    )
+
+
+def _check_written_dtype(out: torch.Tensor, method: str, tensor_name: str, params) -> None:
+    """The values also fit the `out_dtype:` mergekit casts to when writing (one more
+    read, only when that dtype's range is smaller than the returned one's)."""
+    name = _out_dtypes.get(method)
+    written = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(written, torch.dtype) or not written.is_floating_point:
+        return
+    limit = torch.finfo(written).max
+    if limit >= torch.finfo(out.dtype).max:
+        return
+    largest = float(out.abs().amax())
+    if largest <= limit:
+        return
+    scalars = _scalars(params)
+    raise OutputOverflowError(
+        f"{method}: the merged tensor {tensor_name} holds values up to {largest:.3g}, beyond "
+        f"{name}'s largest {limit:.3g}: mergekit's cast to `out_dtype: {name}` when writing "
+        f"would make them inf"
+        + (f" (with {scalars}; a smaller `lambda` or `weight` might fit)" if scalars else "")
+        + f". {_wider(written).replace('dtype:', 'out_dtype:').capitalize()}, or leave `out_dtype:` unset."
     )
 
 

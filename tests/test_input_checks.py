@@ -124,6 +124,19 @@ def test_finite_entry_that_overflows_the_requested_dtype_blames_the_cast(models,
     assert _nothing_written(out)
 
 
+def test_merge_that_overflows_out_dtype_names_out_dtype(models, tmp_path):
+    """Before: mergekit's cast to out_dtype: float16 wrote inf silently."""
+    (base, ft1, ft2), _ = models
+    # finite in float32, above float16's 65504, in every model: the merge keeps it
+    base, ft1, ft2 = (_poisoned(p, str(tmp_path / f"big-{i}"), Q, 7.0e4) for i, p in enumerate((base, ft1, ft2)))
+    out = tmp_path / "out"
+    with pytest.raises(OutputOverflowError) as info:
+        _run(dict(_config(base, [ft1, ft2]), out_dtype="float16"), out)
+    message = str(info.value)
+    assert Q in message and "out_dtype: float16" in message and "out_dtype: bfloat16" in message
+    assert _nothing_written(out)
+
+
 def test_lambda_that_overflows_names_lambda(models, tmp_path):
     """Before: exit 0 and a model that is inf everywhere (lambda 1e39 is finite in Python)."""
     (base, ft1, ft2), _ = models

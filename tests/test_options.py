@@ -21,7 +21,7 @@ from mergekit_drm.method_options import GLOBAL, OPTIONS, PER_MODEL, unknown_para
 from mergekit_drm.mudsc.alignment import merge_tensor
 from mergekit_drm.mudsc.engine import CalibrationOptions
 from mergekit_drm.mudsc.solver import SolverOptions
-from mergekit_drm.overflow import OutputOverflowError, checked_cast
+from mergekit_drm.overflow import OutputOverflowError, checked_cast, plan_output_dtype
 from mergekit_drm.registration import METHODS, load_method
 from mergekit_drm.tsv_m.kernel import tsv_merge_matrix
 
@@ -318,3 +318,17 @@ def test_checked_cast_names_lambda_when_the_merge_itself_overflowed():
         checked_cast(merged, torch.bfloat16, method="drm", tensor_name="layer.k", params={"lambda": 1e39})
     message = str(info.value)
     assert "layer.k" in message and "lambda 1e+39" in message and "smaller `lambda`" in message
+
+
+def test_checked_cast_covers_the_out_dtype_mergekit_writes():
+    """mergekit returns float32 here and casts to `out_dtype: float16` when writing."""
+    merged = torch.tensor([1.0, -7.0e4])
+    plan_output_dtype("iso_c", "float16")
+    try:
+        with pytest.raises(OutputOverflowError, match=r"out_dtype: float16.*Use `out_dtype: bfloat16`"):
+            checked_cast(merged, torch.float32, method="iso_c", tensor_name="layer.v")
+        small = torch.tensor([1.0, -6.0e4])
+        assert torch.equal(checked_cast(small, torch.float32, method="iso_c", tensor_name="layer.v"), small)
+    finally:
+        plan_output_dtype("iso_c", None)
+    assert torch.equal(checked_cast(merged, torch.float32, method="iso_c", tensor_name="layer.v"), merged)
