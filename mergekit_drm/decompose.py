@@ -34,7 +34,7 @@ import torch
 
 from mergekit_drm.linalg_backends import add_gram, eigh, matmul, new_gram, route_constants, stage
 
-SvdMode = Literal["auto", "full", "gram"]
+SvdMode = Literal["auto", "full", "gram", "lowrank"]
 
 # Largest tolerated bound on the relative error of the smallest kept sigma^2.
 _GRAM_ERROR_BUDGET = {torch.float32: 2e-3, torch.float64: 1e-6}
@@ -102,8 +102,10 @@ def choose_route(
     """
     if mode == "full":
         return "full", None
+    if mode == "lowrank":  # the range finder fell back: the exact route auto picks
+        mode = "auto"
     if mode not in ("auto", "gram"):
-        raise ValueError(f"svd must be 'auto', 'full' or 'gram', got {mode!r}")
+        raise ValueError(f"svd must be 'auto', 'full', 'gram' or 'lowrank', got {mode!r}")
     p, width = shape
     f64_ok = _gram_error(torch.float64, tol) <= _GRAM_ERROR_BUDGET[torch.float64]
     if mode == "gram":
@@ -122,24 +124,37 @@ def choose_route(
 
 
 def low_rank_factors(
-    deltas: torch.Tensor, *, rank_tol: float, mode: SvdMode = "auto"
+    deltas: torch.Tensor,
+    *,
+    rank_tol: float,
+    mode: SvdMode = "auto",
+    max_rank: Optional[int] = None,
+    sketch: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Factor a stack (N, p, q) as D_t = basis @ diag(sigma) @ coords[t].
 
     Returns ``basis`` (p, r) with orthonormal columns, ``sigma`` (r,) in
     descending order and ``coords`` (N, r, q), where the r singular values are
-    those above ``max(rank_tol, max(p, N*q) * eps) * sigma_max``. ``coords``
-    side by side have orthonormal rows. All in ``deltas.dtype``.
+    those above ``max(rank_tol, max(p, N*q) * eps) * sigma_max`` (at most the
+    top ``max_rank``). ``coords`` side by side have orthonormal rows. All in
+    ``deltas.dtype``. ``auto`` and ``lowrank`` first try the certified range
+    finder (``_lowrank_factors``) unless ``sketch`` is False (a matrix known
+    to have full rank).
     """
     n_models, p, q = deltas.shape
     tol = max(rank_tol, rank_floor((p, n_models * q), deltas.dtype))
+    if sketch and mode in ("auto", "lowrank"):
+        found = _lowrank_factors(deltas, tol, forced=mode == "lowrank", max_rank=max_rank)
+        if found is not None:
+            return found
     route, gram_dtype = choose_route((p, n_models * q), deltas.dtype, tol, mode)
+    _log_route(route, (p, n_models * q), mode)
     if route == "full":
-        return _svd_factors(deltas, tol)
-    return _gram_factors(deltas, tol, gram_dtype, left=route == "left")
+        return _svd_factors(deltas, tol, max_rank)
+    return _gram_factors(deltas, tol, gram_dtype, left=route == "left", max_rank=max_rank)
 
 
-def _svd_factors(deltas: torch.Tensor, tol: float):
+def _svd_factors(deltas: torch.Tensor, tol: float, max_rank: Optional[int] = None):
     n_models, p, q = deltas.shape
     with stage("svd"):
         stacked = deltas.permute(1, 0, 2).reshape(p, n_models * q)
@@ -151,7 +166,7 @@ def _svd_factors(deltas: torch.Tensor, tol: float):
             _, s, uh = torch.linalg.svd(stacked.T, full_matrices=False)
             u = uh.T
         del stacked
-    r = _rank(s, tol)
+    r = _rank(s, tol) if max_rank is None else min(_rank(s, tol), max_rank)
     basis, sigma = u[:, :r], s[:r]
     return basis, sigma, project(deltas, basis, sigma)
 
@@ -177,7 +192,9 @@ def project(deltas: torch.Tensor, basis: torch.Tensor, sigma: torch.Tensor) -> t
     return coords
 
 
-def _gram_factors(deltas: torch.Tensor, tol: float, gram_dtype: torch.dtype, left: bool):
+def _gram_factors(
+    deltas: torch.Tensor, tol: float, gram_dtype: torch.dtype, left: bool, max_rank: Optional[int] = None
+):
     """Gram route: eigendecomposition of sum_t D_t D_t^T (left) or A^T A (right).
 
     The Gram matrix is float64 (see ``choose_route``), built one model at a
@@ -208,6 +225,8 @@ def _gram_factors(deltas: torch.Tensor, tol: float, gram_dtype: torch.dtype, lef
         empty = deltas.new_zeros
         return empty(p, 0), empty(0), empty(n_models, 0, q)
     r = int((evals > (tol ** 2) * evals[0]).sum())
+    if max_rank is not None:
+        r = min(r, max_rank)
     sigma = evals[:r].sqrt()
     vecs = evecs[:, evecs.shape[1] - r:].flip(1)
     del evecs
@@ -222,4 +241,80 @@ def _gram_factors(deltas: torch.Tensor, tol: float, gram_dtype: torch.dtype, lef
                 basis.add_(matmul(delta, right[index * q:(index + 1) * q]))
             basis.mul_((1.0 / sigma).to(dtype).unsqueeze(0))
     sigma = sigma.to(dtype)
+    return basis, sigma, project(deltas, basis, sigma)
+
+
+# The certified range finder (``rangefinder``): when few triplets lie above the
+# cut (LoRA products folded into full weights), O(N p q k) instead of
+# O(width^3). ``auto`` probes it only where one probe costs at most
+# PROBE_BUDGET of the exact route (a dense spectrum then falls through after
+# that one pass) and gives it at most ROUTE_BUDGET of the exact route's time.
+SKETCH_MIN_WIDTH = 256  # short side below which the exact routes are cheap anyway
+PROBE_BUDGET, ROUTE_BUDGET = 0.05, 0.5
+SKETCH_K_MAX_FIRST, SKETCH_K_FORCED = 128, 64
+
+
+def _log_route(route: str, shape: Tuple[int, int], mode: str, **extra) -> None:
+    from mergekit_drm import rangefinder
+
+    rangefinder.log({"route": route, "shape": shape, "mode": mode, **extra})
+
+
+def lowrank_plan(shape: Tuple[int, int], dtype: torch.dtype, tol: float) -> Optional[dict]:
+    """Sketch width and budgets (in ``rangefinder`` work units) for ``auto``, or None."""
+    p, width = shape
+    short = min(p, width)
+    if short < SKETCH_MIN_WIDTH or _gram_error(torch.float64, tol) > _GRAM_ERROR_BUDGET[torch.float64]:
+        return None
+    costs = route_costs(p, width, dtype)
+    dense = min(costs.values())
+    unit = route_constants()["gemm64"] * 4 * p * width  # one column of one pass
+    from mergekit_drm.rangefinder import OVERSAMPLE, READ_COLUMNS
+
+    probe = PROBE_BUDGET * dense / unit
+    k = min(int(probe) - READ_COLUMNS, SKETCH_K_MAX_FIRST, short // 4)
+    if k < 2 * OVERSAMPLE + 8:
+        return None
+    return {"k": k, "probe_work": probe, "max_work": ROUTE_BUDGET * dense / unit}
+
+
+def _lowrank_factors(deltas: torch.Tensor, tol: float, *, forced: bool, max_rank: Optional[int]):
+    """The range finder's factors, or None (not worth trying, or not certified)."""
+    import warnings
+
+    from mergekit_drm import rangefinder
+
+    n_models, p, q = deltas.shape
+    if forced:
+        plan = {"k": SKETCH_K_FORCED, "growths": 3}
+        if _gram_error(torch.float64, tol) > _GRAM_ERROR_BUDGET[torch.float64]:
+            plan = None
+    else:
+        plan = lowrank_plan((p, n_models * q), deltas.dtype, tol)
+        if plan is not None:
+            plan["growths"] = 2
+    if plan is None:
+        if forced:
+            warnings.warn(
+                f"svd: lowrank cannot resolve a rank cut of {tol:.1e} in float64 (needs "
+                f"rank_tol >= 1.5e-5); using the exact route for this {p} x {n_models * q} stack",
+                stacklevel=3,
+            )
+        return None
+    found, attempt = rangefinder.certified_basis(deltas, tol, max_rank=max_rank, **plan)
+    _log_route("lowrank" if found is not None else "lowrank-fallback", attempt.shape,
+               "lowrank" if forced else "auto", attempt=attempt)
+    if found is None:
+        if forced:
+            warnings.warn(
+                f"svd: lowrank found no certified low-rank basis for this {p} x {n_models * q} "
+                f"stack ({attempt.outcome} at k = {attempt.k}); using the exact route",
+                stacklevel=3,
+            )
+        return None
+    basis, sigma = found
+    if sigma.numel() == 0:
+        empty = deltas.new_zeros
+        return empty(p, 0), empty(0), empty(n_models, 0, q)
+    basis, sigma = basis.to(deltas.dtype), sigma.to(deltas.dtype)
     return basis, sigma, project(deltas, basis, sigma)

@@ -176,7 +176,7 @@ DID_NOT_WIN = "it did not improve merges (see benchmarks/results/drm_options.md)
 REMOVED = {"drm": {"whiten": DID_NOT_WIN, "rank_budget": DID_NOT_WIN}}
 
 # drm, tsv_m, iso_c, iso_cts
-SVD = Choice(("auto", "full", "gram"))
+SVD = Choice(("auto", "full", "gram", "lowrank"))
 COMPUTE_DTYPE = Choice(("auto", "float32", "float64"))
 
 # tsv_m, iso_cts

@@ -34,11 +34,11 @@ Triplets = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U (p, r), s (r,), 
 def truncated_svd(matrix: torch.Tensor, k: Optional[int] = None, *, svd: SvdMode = "auto") -> Triplets:
     """Top-``k`` singular triplets of ``matrix`` (all above the rank floor if k is None).
 
-    Returns fewer than ``k`` when the numerical rank is smaller.
+    Returns fewer than ``k`` when the numerical rank is smaller. Under ``auto``
+    a matrix whose numerical rank (or ``k``) is small against its width takes
+    the certified range finder (``decompose``, ``rangefinder``), O(p q k).
     """
-    basis, sigma, coords = low_rank_factors(matrix.unsqueeze(0), rank_tol=0.0, mode=svd)
-    if k is not None:
-        basis, sigma, coords = basis[:, :k], sigma[:k], coords[:, :k]
+    basis, sigma, coords = low_rank_factors(matrix.unsqueeze(0), rank_tol=0.0, mode=svd, max_rank=k)
     return basis, sigma, coords[0]
 
 
@@ -123,7 +123,8 @@ def polar_factor(x: torch.Tensor, *, svd: SvdMode = "auto") -> torch.Tensor:
     if x.shape[1] == 0:
         return x
     x64 = x.to(torch.float64).unsqueeze(0)
-    basis, _, coords = low_rank_factors(x64, rank_tol=POLAR_RANK_TOL, mode=svd)
+    # x's columns are independent by construction: no low-rank sketch.
+    basis, _, coords = low_rank_factors(x64, rank_tol=POLAR_RANK_TOL, mode=svd, sketch=False)
     return (basis @ coords[0]).to(x.dtype)
 
 
