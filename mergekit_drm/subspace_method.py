@@ -29,7 +29,6 @@ from mergekit.merge_methods.base import (
     GroupMergeMethod,
     InputContract,
     MergeMethodSpec,
-    ParameterScope,
     ParameterSpec,
     TensorGroup,
 )

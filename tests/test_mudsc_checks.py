@@ -275,3 +275,17 @@ def test_align_cli_names_the_closest_parameter(pair, tmp_path, capsys):
     assert align_main([str(config), "--alignment-out", str(tmp_path / "al")]) == 2
     assert "`alpah` (did you mean `alpha`?)" in capsys.readouterr().err
     assert not (tmp_path / "al").exists()
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("abc", "mudsc parameter `alpha` must be a number; got 'abc'"),
+    (float("nan"), "mudsc parameter `alpha` must be in [0, 1]"),
+])
+def test_align_cli_names_the_parameter_of_a_bad_value(pair, tmp_path, capsys, value, needle):
+    """Before: pydantic's 'validation error for function-after' frame around the message."""
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump(_config([pair["path_a"], pair["path_b"]], alpha=value)))
+    assert align_main([str(config), "--alignment-out", str(tmp_path / "al")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "validation error" not in err, err
+    assert not (tmp_path / "al").exists()

@@ -27,7 +27,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 def _options(parameters: Dict[str, Any]):
     from mergekit_drm.mudsc.method import PARAMETERS, alignment_options
-    from pydantic import TypeAdapter
+    from pydantic import ValidationError
 
     known = {p.name: p for p in PARAMETERS}
     values = {}
@@ -35,7 +35,10 @@ def _options(parameters: Dict[str, Any]):
         raw = parameters.get(name, spec.default)
         if isinstance(raw, (list, dict)):
             raise ValueError(f"mudsc parameter `{name}` must be one value for the whole model; got {raw!r}")
-        values[name] = TypeAdapter(spec.value_type).validate_python(raw)
+        try:  # the specs (method_options.MUDSC) name parameter and rule; drop pydantic's frame
+            values[name] = spec.validate(raw)
+        except ValidationError as exc:
+            raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
     unknown = sorted(set(parameters) - set(known) - {"weight"})
     if unknown:
         from mergekit_drm.checks import closest
