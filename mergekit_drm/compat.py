@@ -215,36 +215,60 @@ def strict() -> bool:
     return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes", "error")
 
 
-def check_host(*, force: bool = False) -> Dict[str, Optional[str]]:
+def check_host(*, force: bool = False, load: bool = False) -> Dict[str, Optional[str]]:
     """Probe every internal not probed yet; warn (or, strict, raise) for each one missing.
 
-    A probe whose modules are not importable now (a mergekit import in
-    progress) waits for the next call. ``force`` probes everything again.
+    A probe runs once its modules are loaded: registration probes what
+    mergekit has loaded by then, and the first planning call the rest (a
+    merge has loaded them all). ``load`` imports what is missing first
+    (``mergekit-drm-lora``, tests), unless a mergekit import is in progress;
+    ``force`` probes everything again and implies ``load``.
     """
     if not force and len(_checked) == len(INTERNALS):
         return dict(_checked)  # the usual case: every validate_inputs call comes here
     with _check_lock:
         if force:
             _checked.clear()
-        busy = _host_importing()
+        load = (load or force) and not _host_importing()
         found = []
         for internal in INTERNALS:
             if internal.name in _checked:
                 continue
-            if any(_mid_import(m) or (busy and m not in sys.modules) for m in internal.modules):
-                continue  # probed at the next call (planning)
-            try:
-                for module in internal.modules:
-                    importlib.import_module(module)
-                problem = internal.probe()
-            except Exception as exc:  # an import or an attribute that moved
-                problem = f"{type(exc).__name__}: {exc}"
+            problem = _run_probe(internal, load)
+            if problem is _LATER:
+                continue
             _checked[internal.name] = problem
             if problem is not None:
                 found.append((internal, problem))
         if found:
             _report(found)
         return dict(_checked)
+
+
+_LATER = object()
+
+
+def _run_probe(internal: Internal, load: bool):
+    """None (present), the problem, or _LATER (its modules are not loaded yet)."""
+    for name in internal.modules:
+        if _mid_import(name):
+            return _LATER
+        if name in sys.modules:
+            continue
+        if not load:
+            return _LATER
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
+                return f"module {name} is missing"
+            return _LATER  # a dependency of it: mergekit itself cannot load, not ours to report
+        except Exception:  # e.g. a warning turned into an error; the host's import will say
+            return _LATER
+    try:
+        return internal.probe()
+    except Exception as exc:  # an attribute that moved or changed type
+        return f"{type(exc).__name__}: {exc}"
 
 
 def _report(found: Sequence[Tuple[Internal, str]]) -> None:

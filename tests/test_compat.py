@@ -218,3 +218,24 @@ def test_only_compat_touches_mergekit_internals():
 ])
 def test_the_boundary_check_catches_each_kind_of_use(sample):
     assert _violations(sample), sample
+
+
+def test_a_merge_probes_what_registration_left_for_planning(fresh_probe, tmp_path):
+    """Probes left for later (mergekit.merge mid-import at registration) run
+    at the merge's first planning call: after one merge every guard's
+    internal has been probed."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from tests.tiny_models import build_finetunes
+
+    base, ft = build_finetunes("llama", str(tmp_path), count=1)
+    compat._checked.clear()
+    run_merge(
+        MergeConfiguration.model_validate({
+            "merge_method": "drm", "base_model": base, "models": [{"model": ft}], "dtype": "float32",
+        }),
+        str(tmp_path / "out"), MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True),
+    )
+    probed = {name for name, problem in compat._checked.items() if problem is None}
+    assert probed >= {i.name for i in compat.INTERNALS if i.feature != compat.LORA}, compat._checked

@@ -81,7 +81,7 @@ def plan_lora_merge(
     out_dtype: Optional[str] = None,
 ) -> LoraMergePlan:
     """Read and check everything; raise ``LoraMergeError`` on any problem."""
-    check_host()
+    check_host(load=True)
     config, method = _read_config(config_text)
     warnings = _parameter_warnings(config, method)
     entries = _load_entries(config)
