@@ -22,9 +22,10 @@ Internal, used only here: the call stack and frame locals; private names
 ``resolve_parameters`` that ``mergekit-drm-lora`` uses to re-derive what the
 planner would compute; the format of slice group names.
 
-Each internal is probed once (``check_host``, run by ``register()``; a probe
-whose module is mid-import then, as ``mergekit.merge`` is under
-``mergekit-yaml``, runs at the first planning call instead). A missing or
+Each internal is probed once (``check_host``): by ``register()`` if mergekit
+has loaded its module by then, else at the first planning call (under
+``mergekit-yaml``, ``mergekit.merge`` is still being imported when
+registration runs; importing more from there could cycle). A missing or
 changed internal switches its feature off with a warning that names the
 feature, the internal and the installed mergekit version; with
 ``MERGEKIT_DRM_STRICT_HOST=1`` it is an error instead. Never silent.
