@@ -36,6 +36,7 @@ from mergekit_drm.architectures import matrix_layout
 from mergekit_drm.checks import check_finite
 from mergekit_drm.drm.kernel import compute_dtype_for
 from mergekit_drm.compat import CleansPartialOutput
+from mergekit_drm.overflow import checked_cast
 from mergekit_drm.preflight import model_config, planning_checks, require_task_vectors
 
 def common_parameters(method: str) -> List[ParameterSpec]:
