@@ -170,6 +170,8 @@ PUBLIC = {
     "mergekit.merge_methods.base": None,
     "mergekit.config": None,
     "mergekit.common": {"ModelReference"},
+    "mergekit.merge": {"run_merge", "MergeOptions"},  # entry points, as a user calls them
+    "mergekit.options": {"MergeOptions"},
 }
 NOT_PUBLIC_NAMES = {"ConfigReader"}
 STACK = re.compile(r"\b(_getframe|f_locals|f_back|f_globals|co_varnames|co_names)\b|\._execute\b|def _execute\b")
