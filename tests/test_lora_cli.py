@@ -632,3 +632,13 @@ def test_rank_above_some_modules_full_rank_is_reported():
     said.clear()
     check_rank(32, [(32, 32), (48, 64)], lambda text, err: said.append(text))
     assert not said
+
+
+def test_unknown_parameters_switch_with_a_typo_is_refused(tmp_path, llama32, monkeypatch):
+    """Before: MERGEKIT_DRM_UNKNOWN_PARAMETERS=eror quietly meant warn."""
+    monkeypatch.setenv("MERGEKIT_DRM_UNKNOWN_PARAMETERS", "eror")
+    base, paths = llama32
+    config = yaml_config(base, [paths["a1"]], [1.0], {"density": 0.3, "densty": 0.2})
+    out, result = run_cli(tmp_path, config, expect_ok=False)
+    assert result.exit_code != 0 and "'eror' is not a known setting" in result.output
+    assert "use warn" in result.output and "or error" in result.output and not out.exists()
