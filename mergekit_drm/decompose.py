@@ -251,7 +251,7 @@ def _gram_factors(
 # that one pass) and gives it at most ROUTE_BUDGET of the exact route's time.
 SKETCH_MIN_WIDTH = 256  # short side below which the exact routes are cheap anyway
 PROBE_BUDGET, ROUTE_BUDGET = 0.05, 0.5
-SKETCH_K_MAX_FIRST, SKETCH_K_FORCED = 128, 64
+SKETCH_K_MAX_FIRST, SKETCH_K_FORCED = 64, 64
 
 
 def _log_route(route: str, shape: Tuple[int, int], mode: str, **extra) -> None:

@@ -215,3 +215,12 @@ def test_subspace_methods_match_the_exact_route_on_lora_products(method):
         assert "lowrank-fallback" not in routes(records)
     want = merge(deltas, weights, svd="gram")
     assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+def test_all_zero_stack_gives_rank_zero():
+    stack = torch.zeros(3, 120, 90, dtype=torch.float64)
+    (basis, sigma, coords), records, caught = factors(stack, "lowrank")
+    assert routes(records) == ["lowrank"] and not caught
+    assert basis.shape == (120, 0) and sigma.numel() == 0 and coords.shape == (3, 0, 90)
+    merged = drm_merge_matrix(stack, svd="lowrank", compute_dtype=torch.float64)
+    assert not merged.any()
