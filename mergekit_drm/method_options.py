@@ -22,6 +22,7 @@ Standard library at import; mergekit and pydantic load when specs are built.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from dataclasses import dataclass
@@ -106,12 +107,18 @@ class Param:
             return False
         if self.kernels is not None and getattr(kernel, "__name__", "") not in self.kernels:
             return False
-        return self.kernel in inspect.signature(kernel).parameters
+        return self.kernel in _arguments(kernel)
 
     def to_kernel(self, value: Any) -> Any:
         if self.empty_is_none and value == "":
             return None
         return value
+
+
+@functools.lru_cache(maxsize=None)
+def _arguments(kernel: Callable[..., Any]) -> frozenset:
+    """A kernel's argument names (cached: asked for every merged tensor)."""
+    return frozenset(inspect.signature(kernel).parameters)
 
 
 @dataclass(frozen=True)
