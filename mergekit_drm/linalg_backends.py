@@ -22,14 +22,16 @@ JSON file (``$MERGEKIT_DRM_CACHE_DIR``, default ``~/.cache/mergekit-drm``).
   small synthetic matrices; the other library must win by 25 % to replace
   torch (see ``GEMM_SWITCH_MARGIN``).
 * ``route constants``: seconds per flop of eigh, SVD and GEMM for
-  ``decompose.route_costs``, measured once on small synthetic matrices.
+  ``decompose.route_costs``, measured once on small synthetic matrices, per
+  accelerator model too (``--cuda``: the device's float64 rate decides
+  between the float64 Gram routes and the float32 SVD).
 
 Environment: ``MERGEKIT_DRM_CALIBRATION=off`` disables timing and the cache
 (everything runs in torch, the cost model uses fixed constants);
 ``MERGEKIT_DRM_EIGH`` / ``MERGEKIT_DRM_GEMM`` force one candidate. Concurrent
 processes are safe: the file is read-merged-written under an exclusive lock
 and replaced atomically; a lost or corrupt file only means re-measuring.
-GPU tensors always use torch.
+GPU tensors always use torch. Windows has no ``fcntl``: the lock is msvcrt's.
 """
 
 from __future__ import annotations
@@ -516,30 +518,59 @@ def new_gram(size: int, device) -> torch.Tensor:
     return torch.zeros((size, size), dtype=torch.float64, device=device)
 
 
-def _measure_route_constants() -> dict:
-    """Seconds per flop unit of eigh, SVD and GEMM on small matrices (ratios matter)."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure_route_constants(device: Optional[torch.device] = None) -> dict:
+    """Seconds per flop unit of eigh, SVD and GEMM (ratios matter).
+
+    Candidates are timed in interleaved rounds (best of each, ``_race``): a
+    multi-threaded eigensolver stalled by another process once read 4x slow
+    at n = 384 and tipped 4096-wide stacks to the (then 4x slower) SVD. On a
+    GPU everything runs in torch on the device, at sizes where a GPU is busy
+    (its float64 rate, 1/2 to 1/64 of float32, is what the routes hinge on).
+    """
+    device = torch.device(device or "cpu")
+    on_gpu = device.type != "cpu"
     gen = torch.Generator().manual_seed(0)
-    n = 384
+    n = 1024 if on_gpu else 384
     sym = torch.randn(n, n, generator=gen, dtype=torch.float64)
-    sym = sym + sym.T
-    tall = torch.randn(3 * n // 2, n, generator=gen)
-    a, b = 3 * n // 2, n
-    eigh_s = min(_time_min(lambda: _eigh(name, sym.clone()), 2) for name in _available_eigh())
-    svd32 = _time_min(lambda: torch.linalg.svd(tall, full_matrices=False), 2)
+    sym = (sym + sym.T).to(device)
+    tall = torch.randn(3 * n // 2, n, generator=gen).to(device)
     tall64 = tall.double()
-    svd64 = _time_min(lambda: torch.linalg.svd(tall64, full_matrices=False), 2)
-    sq = torch.randn(2 * n, 2 * n, generator=gen)
-    gemm32 = _time_min(lambda: matmul(sq, sq))
+    a, b = 3 * n // 2, n
+    g = 4 * n if on_gpu else 2 * n
+    sq = torch.randn(g, g, generator=gen).to(device)
     sq64 = sq.double()
-    gemm64 = _time_min(lambda: matmul(sq64, sq64))
+
+    def timed(fn):
+        def run():
+            fn()
+            _sync(device)
+        return run
+
+    candidates = {
+        "svd32": timed(lambda: torch.linalg.svd(tall, full_matrices=False)),
+        "svd64": timed(lambda: torch.linalg.svd(tall64, full_matrices=False)),
+        "gemm32": timed(lambda: matmul(sq, sq)),
+        "gemm64": timed(lambda: matmul(sq64, sq64)),
+    }
+    solvers = ["torch"] if on_gpu else _available_eigh()
+    for name in solvers:
+        candidates["eigh:" + name] = timed(lambda name=name: _eigh(name, sym.clone()))
+    for fn in candidates.values():  # warm-up: cuSOLVER handles, MKL/OpenBLAS threads
+        fn()
+    times = _race(candidates, rounds=5 if not on_gpu else 3)
     svd_units = a * b * b + b ** 3
-    gemm_units = 2 * (2 * n) ** 3
+    gemm_units = 2 * g ** 3
     return {
-        "eigh64": eigh_s / n ** 3,
-        "svd32": svd32 / svd_units,
-        "svd64": svd64 / svd_units,
-        "gemm32": gemm32 / gemm_units,
-        "gemm64": gemm64 / gemm_units,
+        "eigh64": min(t for k, t in times.items() if k.startswith("eigh:")) / n ** 3,
+        "svd32": times["svd32"] / svd_units,
+        "svd64": times["svd64"] / svd_units,
+        "gemm32": times["gemm32"] / gemm_units,
+        "gemm64": times["gemm64"] / gemm_units,
     }
 
 
@@ -549,7 +580,22 @@ DEFAULT_ROUTE_CONSTANTS = {
 }
 
 
-def route_constants() -> dict:
+def device_name(device: torch.device) -> str:
+    """The accelerator's model name (what its rates depend on), e.g. 'NVIDIA H100 80GB HBM3'."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def route_constants(device=None) -> dict:
+    """Per-flop costs for ``decompose.route_costs`` on this machine, or on the
+    given accelerator (measured there, cached per device model)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
     if not calibration_enabled():
         return DEFAULT_ROUTE_CONSTANTS
-    return cached("route_constants", _measure_route_constants)
+    if device.type != "cpu":
+        # A GPU's float64 rate (1/2 of float32 on an H100, 1/64 on consumer
+        # cards) decides between the float64 Gram and the float32 SVD.
+        name = device_name(device)
+        return cached(f"route_constants:{device.type}:{name}", lambda: _measure_route_constants(device))
+    return cached("route_constants:cpu", _measure_route_constants)

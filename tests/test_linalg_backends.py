@@ -343,3 +343,82 @@ def test_race_interleaves_rounds_and_keeps_each_candidates_best(monkeypatch):
 def test_gemm_leaves_torch_only_for_a_clear_win(times, default, expected):
     assert lb.GEMM_SWITCH_MARGIN == 1.25
     assert lb._with_margin(times, default) == expected
+
+
+# ---------------------------------------------------------- routes on a GPU (no GPU needed)
+
+# Per-flop costs as a device would measure them (seconds per unit of
+# ``decompose.route_costs``): a consumer card runs float64 at 1/64 of float32,
+# an H100 at 1/2. The SVD constant is the same on both.
+CONSUMER_GPU = {"eigh64": 2e-10, "svd32": 1e-11, "svd64": 6e-10, "gemm32": 1e-13, "gemm64": 6.4e-12}
+DATACENTER_GPU = {"eigh64": 5e-12, "svd32": 1e-11, "svd64": 2e-11, "gemm32": 1e-13, "gemm64": 2e-13}
+
+
+@pytest.fixture
+def fake_gpus(cache_dir, monkeypatch):
+    """Route constants 'measured' on fake CUDA devices, by device model name."""
+    measured = []
+    names = {0: "Consumer GPU", 1: "Datacenter GPU"}
+
+    def measure(device=None):
+        device = torch.device(device or "cpu")
+        measured.append(str(device))
+        if device.type == "cpu":
+            return dict(lb.DEFAULT_ROUTE_CONSTANTS)
+        return dict(CONSUMER_GPU if device.index == 0 else DATACENTER_GPU)
+
+    monkeypatch.setattr(lb, "_measure_route_constants", measure)
+    monkeypatch.setattr(lb, "device_name", lambda device: names[device.index])
+    return measured
+
+
+def test_cuda_route_follows_the_devices_float64_rate(fake_gpus):
+    """A 4096 x 12288 stack: on a card with slow float64 the float32 SVD
+    (4 units of svd32 per 4096^3) beats the float64 Gram (1 unit of eigh64 =
+    20 svd32 units); with fast float64 the Gram (eigh64 = svd32 / 2) wins."""
+    from mergekit_drm.decompose import choose_route
+
+    shape, tol = (4096, 12288), 0.01
+    consumer = choose_route(shape, torch.float32, tol, "auto", torch.device("cuda", 0))
+    datacenter = choose_route(shape, torch.float32, tol, "auto", torch.device("cuda", 1))
+    assert consumer == ("full", None)
+    assert datacenter == ("left", torch.float64)
+    # Each device model measured once and cached under its name, not the CPU's.
+    choose_route(shape, torch.float32, tol, "auto", torch.device("cuda", 0))
+    assert fake_gpus == ["cuda:0", "cuda:1"]
+    results = lb._read(lb.cache_path())
+    assert results["route_constants:cuda:Consumer GPU"] == CONSUMER_GPU
+    assert results["route_constants:cuda:Datacenter GPU"] == DATACENTER_GPU
+    assert "route_constants:cpu" not in results
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_cuda_route_never_goes_below_the_accuracy_bound(fake_gpus, index):
+    """No rates make a Gram route float32, and where float64 Gram cannot resolve
+    the cut (rank_tol 1e-5: eps64 / tol^2 = 2e-6 > 1e-6) the full SVD is used."""
+    from mergekit_drm.decompose import choose_route
+
+    device = torch.device("cuda", index)
+    for shape in [(4096, 12288), (12288, 4096), (1024, 43008), (14336, 12288)]:
+        route, gram_dtype = choose_route(shape, torch.float32, 0.01, "auto", device)
+        assert gram_dtype in (None, torch.float64)
+        assert choose_route(shape, torch.float32, 1e-5, "auto", device) == ("full", None)
+        assert choose_route(shape, torch.float32, 1e-5, "gram", device) == ("full", None)
+
+
+def test_cuda_route_with_calibration_off_measures_nothing(fake_gpus, monkeypatch):
+    from mergekit_drm.decompose import route_costs
+
+    monkeypatch.setenv("MERGEKIT_DRM_CALIBRATION", "off")
+    route_costs(4096, 12288, torch.float32, torch.device("cuda", 0))
+    assert fake_gpus == []
+    assert lb.route_constants(torch.device("cuda", 0)) == lb.DEFAULT_ROUTE_CONSTANTS
+
+
+def test_gpu_check_needs_a_gpu_and_says_so(monkeypatch, capsys, tmp_path):
+    from benchmarks.perf import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "gpu.md"
+    assert gpu_check.main(["--out", str(out)]) == 2
+    assert "needs a GPU" in capsys.readouterr().out and not out.exists()

@@ -158,7 +158,124 @@ def layer_shapes(hidden: int, intermediate: int, kv: int) -> dict:
     }
 
 
-STAGES = ("gram", "eigh", "basis", "project", "svd", "merge")
+STAGES = ("sketch", "certify", "gram", "eigh", "basis", "project", "svd", "merge", "race")
+
+# One Llama-3.1-8B decoder layer, (out, in).
+LLAMA8B_LAYER = layer_shapes(4096, 14336, 1024)
+
+
+def scale_layer_run(direction: str, n_models: int, out_json: str, reuse_same_shape: bool = True,
+                    biggest_first: bool = True) -> None:
+    """Stage breakdown of DRM on one 8B layer, one matrix at a time, written to
+    ``out_json`` after every matrix (a long run leaves partial results).
+
+    ``reuse_same_shape``: a projection with the same shape as one already
+    timed (up_proj after gate_proj) reuses its row instead of re-running the
+    same decomposition (marked in the table); stage costs depend on the
+    shape and route only.
+    """
+    import json
+
+    from mergekit_drm.decompose import choose_route, rank_floor
+
+    names = list(LLAMA8B_LAYER)
+    if biggest_first:
+        def stack_side(name):
+            rows, cols = LLAMA8B_LAYER[name]
+            p, width = (cols, n_models * rows) if direction == "vertical" else (rows, n_models * cols)
+            return -min(p, width)
+        names.sort(key=stack_side)
+    rows_out = {}
+    done_shapes = {}
+    for name in names:
+        rows, cols = LLAMA8B_LAYER[name]
+        if reuse_same_shape and (rows, cols) in done_shapes:
+            rows_out[name] = dict(rows_out[done_shapes[(rows, cols)]], reused=done_shapes[(rows, cols)])
+            continue
+        deltas = finetune_like(n_models, rows, cols, seed=rows + cols + n_models)
+        p, width = (cols, n_models * rows) if direction == "vertical" else (rows, n_models * cols)
+        tol = max(0.01, rank_floor((p, width), torch.float32))
+        route, _ = choose_route((p, width), torch.float32, tol, "auto")
+        before = dict(linalg_backends.one_off_costs())
+        start = time.perf_counter()
+        with linalg_backends.record_stages() as stages:
+            drm_merge_matrix(deltas, direction=direction, density=0.2)
+        total = time.perf_counter() - start
+        after = linalg_backends.one_off_costs()
+        one_off = {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
+        rows_out[name] = {
+            "shape": [rows, cols], "stack": [p, width], "route": route,
+            "gram_side": {"left": p, "right": width}.get(route), "stages": dict(stages),
+            "total": total, "one_off": one_off,
+        }
+        done_shapes[(rows, cols)] = name
+        del deltas
+        with open(out_json, "w") as handle:
+            json.dump({"direction": direction, "n_models": n_models, "machine": machine(),
+                       "threads": torch.get_num_threads(), "rows": rows_out}, handle, indent=1)
+        print(name, rows_out[name], flush=True)
+
+
+def scale_layer_report(layer_jsons, floor_json) -> list:
+    """Markdown lines: per-matrix stages of each direction, then the eigensolver floor."""
+    import json
+
+    lines = []
+    for path in layer_jsons:
+        if not os.path.exists(path):
+            continue
+        data = json.load(open(path))
+        lines += [f"### DRM-{data['direction'][0].upper()}, N = {data['n_models']}, "
+                  f"{data['threads']} thread(s)", "", f"Machine: {data['machine']}", "",
+                  "| matrix | stack p x N*q | route (Gram side) | " + " | ".join(STAGES)
+                  + " | other | total s | one-off measurements s |",
+                  "|---|---|---|" + "---|" * (len(STAGES) + 3)]
+        sums = {}
+        for name, row in data["rows"].items():
+            stages = row["stages"]
+            other = row["total"] - sum(stages.get(k, 0.0) for k in STAGES)
+            for key in STAGES:
+                sums[key] = sums.get(key, 0.0) + stages.get(key, 0.0)
+            sums["other"] = sums.get("other", 0.0) + other
+            sums["total"] = sums.get("total", 0.0) + row["total"]
+            note = f" (= {row['reused']})" if row.get("reused") else ""
+            lines.append(
+                f"| {name}{note} | {row['stack'][0]}x{row['stack'][1]} | {row['route']}"
+                f"{' (' + str(row['gram_side']) + ')' if row.get('gram_side') else ''} | "
+                + " | ".join(f"{stages.get(k, 0.0):.1f}" for k in STAGES)
+                + f" | {other:.1f} | {row['total']:.1f} | "
+                + (", ".join(f"{k} {v:.1f}" for k, v in row.get("one_off", {}).items()) or "-") + " |")
+        lines.append("| **layer** | | | " + " | ".join(f"{sums.get(k, 0.0):.1f}" for k in STAGES)
+                     + f" | {sums.get('other', 0.0):.1f} | {sums.get('total', 0.0):.1f} | |")
+        lines.append("")
+    if floor_json and os.path.exists(floor_json):
+        data = json.load(open(floor_json))
+        lines += ["### Eigensolver alone (float64, Gram-like spectrum), every candidate once", "",
+                  f"Machine: {data['machine']}", "", "| n | " + " | ".join(linalg_backends.EIGH_SOLVERS)
+                  + " | best |", "|---|" + "---|" * (len(linalg_backends.EIGH_SOLVERS) + 1)]
+        for size, times in data["seconds"].items():
+            lines.append(f"| {size} | " + " | ".join(
+                f"{times[k]:.1f}" if k in times else "-" for k in linalg_backends.EIGH_SOLVERS)
+                + f" | {min(times.values()):.1f} |")
+        lines.append("")
+    return lines
+
+
+def eigh_floor_run(sizes, out_json: str) -> None:
+    """Every eigensolver candidate once on a Gram-like float64 matrix of each size."""
+    import json
+
+    results = {}
+    for size in sizes:
+        gram = linalg_backends._proxy_gram(size)
+        for name in linalg_backends._available_eigh():
+            start = time.perf_counter()
+            linalg_backends._eigh(name, gram.clone())
+            results.setdefault(str(size), {})[name] = time.perf_counter() - start
+            print(size, name, results[str(size)][name], flush=True)
+            with open(out_json, "w") as handle:
+                json.dump({"machine": machine(), "threads": torch.get_num_threads(),
+                           "seconds": results}, handle, indent=1)
 
 
 def _layer_stages(layer, n_models: int, direction: str) -> dict:
@@ -382,8 +499,25 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="device for the kernel table (cuda if available)")
     parser.add_argument("--full-width", action="store_true",
                         help="the real shapes 4096x4096, 14336x4096, 4096x14336 (GPU or a patient CPU)")
+    parser.add_argument("--scale-layer", action="store_true",
+                        help="only the Llama-3.1-8B layer stage breakdown (V and H, N=3) and the "
+                             "eigensolver floor at 4096 and 12288: hours on 2 cores")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.scale_layer:
+        work = os.environ.get("BENCH_TMP") or tempfile.gettempdir()
+        jsons = [os.path.join(work, f"scale_layer_{d}.json") for d in ("vertical", "horizontal")]
+        for direction, path in zip(("vertical", "horizontal"), jsons):
+            scale_layer_run(direction, 3, path)
+        floor = os.path.join(work, "scale_layer_floor.json")
+        eigh_floor_run([4096, 12288], floor)
+        text = "\n".join(["# One Llama-3.1-8B layer, DRM by stage", ""]
+                         + scale_layer_report(jsons, floor)) + "\n"
+        out = args.out or os.path.join(ROOT, "benchmarks", "results", "scale_layer.md")
+        with open(out, "w") as handle:
+            handle.write(text)
+        print(text)
+        return 0
     MERGE_FLAGS[:] = ["--cuda"] if args.device.startswith("cuda") else []
     if args.threads:
         torch.set_num_threads(args.threads)
