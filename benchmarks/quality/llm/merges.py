@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -175,14 +176,23 @@ class MergeStage:
         if self.kind == "lora":
             self._clean_lora_cache()
             lora_cache = self.lora_cache
-        t0 = time.time()
+        from mergekit_drm import linalg_backends
+
+        t0, c0 = time.time(), time.process_time()
+        races0 = sum(linalg_backends.one_off_costs().values())
         tmp = out.with_name(name + ".tmp")
         merging.run_yaml(config, tmp, lora_merge_cache=lora_cache)
-        seconds = time.time() - t0
+        seconds, cpu = time.time() - t0, time.process_time() - c0
+        # one-off: the library races of mergekit_drm/linalg_backends.py, run once per
+        # machine and matrix size, then cached in ~/.cache/mergekit-drm
+        races = sum(linalg_backends.one_off_costs().values()) - races0
         tmp.rename(out)
-        self._record_time(name, {"merge_s": round(seconds, 1), "label": label, "route": "mergekit",
-                                 "kind": self.kind})
-        self.log(f"  merged {name} in {seconds:.0f} s")
+        self._record_time(name, {"merge_s": round(seconds, 1), "merge_cpu_s": round(cpu, 1),
+                                 "calibration_s": round(races, 1), "load_avg": round(os.getloadavg()[0], 2),
+                                 "label": label, "route": "mergekit", "kind": self.kind})
+        self.log(f"  merged {name} in {seconds:.0f} s wall, {cpu:.0f} s CPU"
+                 + (f", of which {races:.0f} s one-off library races" if races >= 1 else "")
+                 + f" (load average {os.getloadavg()[0]:.1f})")
         return out
 
     def drop(self, label: str, params: Dict) -> None:

@@ -69,6 +69,42 @@ def run_finetunes(bench: Bench, lora_seeds=LORA_SEEDS, full_seeds=FULL_SEEDS) ->
             bench.log(f"{kind} {task} s{seed}: own-task test {scores['test'][task]:.3f}")
 
 
+def quick_summary(bench: Bench, summary: Dict, out: Path) -> list:
+    """What ``--quick`` printed numbers mean, where its report is, and whether
+    its fine-tunes learned anything (they are too short to be a result)."""
+    base = bench.base_scores()["test"]
+    own = summary["own"]["test"]
+    n_test = {t: len(bench.tasks[t].test) for t in bench.task_names}
+    chance = {t: 1.0 / bench.tasks[t].num_labels for t in bench.task_names}
+    lines = ["", "LLM quick mode: SmolLM2-135M-Instruct, LoRA fine-tunes of "
+             f"{bench.settings['lora_steps']} steps x {bench.settings['lora_batch']} examples, "
+             f"{', '.join(f'{t} ({n_test[t]} test examples)' for t in bench.task_names)}.",
+             "Test accuracy (constrained choice among the label words):",
+             "| model | " + " | ".join(bench.task_names) + " |", "|---|" + "---|" * len(bench.task_names)]
+
+    def row(name, scores):
+        return f"| {name} | " + " | ".join(f"{scores[t]:.3f}" for t in bench.task_names) + " |"
+
+    lines += [row("chance", chance), row("base (no fine-tune)", base), row("own LoRA fine-tune", own)]
+    for table in ("defaults", "tuned"):
+        for label, entry in summary.get(table, {}).items():
+            lines.append(row(f"{label} merge ({table})", entry["test"]))
+    learned = [t for t in bench.task_names if own[t] > max(base[t], chance[t]) + 1.0 / n_test[t]]
+    if len(learned) == len(bench.task_names):
+        lines.append("The fine-tunes beat the base and chance on every task, but on this many test "
+                     "examples and one seed the merges' differences are noise.")
+    else:
+        lines.append("These numbers are NOT a result: quick mode only checks the pipeline (fine-tune, "
+                     "mergekit YAMLs with BASE+ADAPTER references, merges through mergekit and "
+                     "mergekit-drm-lora, scoring, report). Its fine-tunes are too short to learn "
+                     + ("any task" if not learned else "every task")
+                     + f" (beat base and chance on: {', '.join(learned) or 'none'}). The measured "
+                     "results are benchmarks/results/llm.md (`--stage all`).")
+    lines.append(f"Report: {out / 'llm.md'} (plot {out / 'llm.png'}, YAMLs {out / 'llm_configs'}); "
+                 f"cache: {bench.cache}")
+    return lines
+
+
 def results_path(bench: Bench, kind: str, seed: int) -> Path:
     return bench.cache / "results" / f"{kind}-s{seed}.json"
 
@@ -172,8 +208,11 @@ def main(argv=None) -> None:
         out = args.out or bench.cache / "report"
         update = lambda: report.write(bench.cache, out, quick=True)
         run_finetunes(bench, (0,), ())
-        run_merges(bench, "lora", 0, QUICK_METHODS, grid_points=2, tune=QUICK_METHODS[-1:],
-                   on_update=update)
+        summary = run_merges(bench, "lora", 0, QUICK_METHODS, grid_points=2, tune=QUICK_METHODS[-1:],
+                             on_update=update)
+        update()
+        for line in quick_summary(bench, summary, out):
+            print(line)
     elif args.stage == "finetunes":
         bench = Bench(args.cache or DEFAULT_CACHE, FULL, TASKS, log=log)
         run_finetunes(bench)
