@@ -1,6 +1,7 @@
 """Quality benchmark driver.
 
-Quick mode (3 tasks, full fine-tunes, drm and ties through mergekit, a few minutes):
+Quick mode (3 tasks, full fine-tunes, the recommended drm setting, tsv_m, iso_c,
+ties and the paper's drm through mergekit, untuned; table, YAMLs, plot):
     python -m benchmarks.quality.run --quick [--out drm-quality-quick]
 Full benchmark (5 tasks, 3 seeds, 9 methods, ablations, LoRA; cached, resumable):
     python -m benchmarks.quality.run --full
@@ -234,49 +235,181 @@ def _table(rows: List[tuple], tasks: Sequence[str]) -> str:
 
 # ---------------------------------------------------------------- quick mode
 
-# Quick mode settings: the methods' defaults, untuned: density 0.2 and
-# lambda 1 (a disjoint mean of the task vectors for both drm and ties). The full
-# benchmark tunes lambda on validation; on these fine-tunes its choice for both
-# is at or below 1.
+# Quick mode: every method once, untuned, at the setting the main README
+# recommends when there is no validation data ("When to pick what"):
+#   drm-recommended  drm + isotropic: true, norm_target: total (defaults otherwise)
+#   tsv_m            its defaults (lambda 1)
+#   iso_c            lambda 2 (the README: never lambda 1 untuned on full fine-tunes)
+#   ties             mergekit's best-known built-in, density 0.2, lambda 1
+#   drm-paper        the paper's drm (vertical, density 0.2, lambda 1)
 QUICK_CONFIGS = {
-    "drm-vertical": ("drm", {"direction": "vertical", "density": 0.2, "lambda": 1.0}),
-    "drm-horizontal": ("drm", {"direction": "horizontal", "density": 0.2, "lambda": 1.0}),
+    "drm-recommended": ("drm", {"isotropic": True, "norm_target": "total"}),
+    "tsv_m": ("tsv_m", {}),
+    "iso_c": ("iso_c", {"lambda": 2.0}),
     "ties": ("ties", {"density": 0.2, "lambda": 1.0}),
+    "drm-paper": ("drm", {"direction": "vertical"}),
 }
+QUICK_LABELS = {
+    "drm-recommended": "drm isotropic+total (recommended)",
+    "tsv_m": "tsv_m",
+    "iso_c": "iso_c lambda 2",
+    "ties": "ties",
+    "drm-paper": "drm paper (vertical)",
+}
+BASE_ROW, OWN_ROW = "base encoder + heads", "individual fine-tunes"
+
+
+class _Clock:
+    """Wall and CPU seconds per phase (CPU time is what a busy machine does not inflate)."""
+
+    def __init__(self):
+        self.phases: Dict[str, List[float]] = {}
+        self._t = (time.time(), time.process_time())
+
+    def lap(self, phase: str) -> float:
+        now = (time.time(), time.process_time())
+        wall, cpu = now[0] - self._t[0], now[1] - self._t[1]
+        acc = self.phases.setdefault(phase, [0.0, 0.0])
+        acc[0] += wall
+        acc[1] += cpu
+        self._t = now
+        return wall
+
+
+def _normalized_table(rows: List[tuple], tasks: Sequence[str], own: Dict[str, float]) -> str:
+    head = "| " + " | ".join(["method"] + list(tasks) + ["avg acc", "**normalized**"]) + " |"
+    lines = [head, "|" + "---|" * (len(tasks) + 3)]
+    for name, accs in rows:
+        cells = [f"{100 * accs[t]:.1f}" for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(cells)
+                     + f" | {100 * _mean(accs):.1f} | **{100 * normalized(accs, own):.1f}** |")
+    return "\n".join(lines)
+
+
+def _plot(rows: List[tuple], own: Dict[str, float], path: Path) -> Optional[Path]:
+    """Bar chart of normalized accuracy per merge; None if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    merged = [(n, a) for n, a in rows if n not in (BASE_ROW, OWN_ROW)]
+    names = [n for n, _ in merged]
+    values = [100 * normalized(a, own) for _, a in merged]
+    base = 100 * normalized(dict(rows)[BASE_ROW], own)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    colors = ["tab:green" if "recommended" in n else "tab:gray" for n in names]
+    ax.barh(names[::-1], values[::-1], color=colors[::-1])
+    for y, v in enumerate(values[::-1]):
+        ax.text(v + 0.3, y, f"{v:.1f}", va="center", fontsize=8)
+    ax.axvline(100, color="k", lw=0.8, ls="--", label="individual fine-tunes (100)")
+    ax.axvline(base, color="tab:red", lw=0.8, ls=":", label=f"base encoder + heads ({base:.1f})")
+    ax.set_xlim(min(values + [base]) - 5, 103)
+    ax.set_xlabel("normalized test accuracy (%)")
+    ax.set_title("merged / own fine-tune, mean over tasks (untuned merges)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.4, -0.22), ncol=2, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
 
 def run_quick(out_dir, cache: Optional[Path] = None, tasks: Sequence[str] = tuple(D.QUICK_TASKS),
               seed: int = 0, sizes: Optional[Dict] = None, max_steps: Optional[int] = None,
               progress: bool = True, print_fn=print,
-              methods: Sequence[str] = ("drm-vertical", "drm-horizontal", "ties")) -> Dict:
-    """Fine-tune (or reuse cached fine-tunes of) ``tasks``, merge them with drm
-    and ties through mergekit (YAMLs written to ``out_dir/configs``, merged
-    models to ``out_dir/merged``) and print a per-task test accuracy table.
-    Returns {row name: {task: accuracy}}."""
-    torch.set_num_threads(int(os.environ.get("QUALITY_THREADS", max(1, min(2, os.cpu_count() or 1)))))
+              methods: Sequence[str] = tuple(QUICK_CONFIGS)) -> Dict:
+    """Fine-tune (or reuse cached fine-tunes of) ``tasks``, merge them through
+    mergekit with each of ``methods`` (``QUICK_CONFIGS``; YAMLs written to
+    ``out_dir/configs``, merged models to ``out_dir/merged``), print per-task
+    test accuracy and normalized accuracy, and write ``out_dir/results.md``
+    (table, timings, load average) and ``out_dir/quality-quick.png``.
+    Returns {row name: {task: accuracy}}; merge rows are named by label."""
+    unknown = [m for m in methods if m not in QUICK_CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown quick-mode method(s) {unknown}; choose from {list(QUICK_CONFIGS)}")
+    threads = int(os.environ.get("QUALITY_THREADS", max(1, min(2, os.cpu_count() or 1))))
+    torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    bench = Bench(cache or DEFAULT_CACHE, tasks, sizes or QUICK_SIZES, max_steps=max_steps,
-                  progress=progress, log=print_fn if progress else (lambda *a: None))
+    load_start = os.getloadavg()
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    clock = _Clock()
     t0 = time.time()
+    say = print_fn if progress else (lambda *a: None)
+    bench = Bench(cache or DEFAULT_CACHE, tasks, sizes or QUICK_SIZES, max_steps=max_steps,
+                  progress=progress, log=say)
+    clock.lap("data + base model")
+    ft_dir = bench.cache / bench.tag / "checkpoints"
+    cached = [t for t in tasks if (M.finetune_dir(bench.cache / bench.tag, "full", t, seed) / "info.json").exists()]
+    if len(cached) == len(tasks):
+        print_fn(f"reusing {len(tasks)} cached fine-tunes from {ft_dir} (delete it to fine-tune again)")
+    elif cached:
+        print_fn(f"reusing cached fine-tunes of {', '.join(cached)} from {ft_dir}; fine-tuning the others")
+    else:
+        print_fn(f"fine-tuning {len(tasks)} models (cached in {ft_dir}: a second run reuses them)")
     fts = bench.finetunes("full", seed)
-    refs = {"base encoder + heads": bench.evaluate(M.new_encoder(), fts, ("test",))["test"],
-            "individual fine-tunes": {n: bench.evaluate(M.load_encoder(p), {n: p}, ("test",))["test"][n]
-                                      for n, p in fts.items()}}
+    clock.lap("fine-tunes" + (" (cached)" if len(cached) == len(tasks) else ""))
+    refs = {BASE_ROW: bench.evaluate(M.new_encoder(), fts, ("test",))["test"],
+            OWN_ROW: {n: bench.evaluate(M.load_encoder(p), {n: p}, ("test",))["test"][n]
+                      for n, p in fts.items()}}
+    clock.lap("evaluation")
+    own = refs[OWN_ROW]
     rows = list(refs.items())
+    result = dict(rows)
+    merge_s = {}
     for label in methods:
         method, params = QUICK_CONFIGS[label]
         cfg = merging.merge_config(method, bench.base, [fts[t] for t in tasks], params)
         ypath = merging.write_yaml(cfg, out_dir / "configs" / f"{label}.yml")
         merged = merging.run_yaml(ypath, out_dir / "merged" / label, random_seed=seed)
-        rows.append((f"{label} (merged)", bench.evaluate(M.load_encoder(merged), fts, ("test",))["test"]))
-        if progress:
-            print_fn(f"  merged {label} with {ypath}")
-    table = _table(rows, tasks)
-    print_fn("\nTest accuracy (%), all-MiniLM-L6-v2, one head per task, encoder merged:\n")
+        merge_s[label] = clock.lap("merges (mergekit run_merge, in-process)")
+        accs = bench.evaluate(M.load_encoder(merged), fts, ("test",))["test"]
+        clock.lap("evaluation")
+        rows.append((QUICK_LABELS[label], accs))
+        result[label] = accs
+        say(f"  merged {label} with {ypath} in {merge_s[label]:.1f}s: "
+            f"normalized {100 * normalized(accs, own):.1f}%")
+    total = time.time() - t0
+    table = _normalized_table(rows, tasks, own)
+    png = _plot(rows, own, out_dir / "quality-quick.png")
+    clock.lap("table + plot")
+    load_end = os.getloadavg()
+    n_test = round(sum(len(t.test) for t in bench.tasks.values()) / len(bench.tasks))
+    meaning = (
+        "Test accuracy (%) per task of all-MiniLM-L6-v2 (one linear head per task, only the encoder "
+        "merged; every task keeps its own fine-tune's head). normalized = merged / the task's own "
+        "fine-tune, mean over tasks: 100 keeps everything the fine-tunes learned; the base row is "
+        "what merging nothing gives. Every merge is untuned (no validation data), at the settings in "
+        f"{out_dir / 'configs'}. One fine-tuning seed, about {n_test} test examples per task: "
+        "differences under ~2 points are noise."
+    )
+    timing = [f"| {phase} | {w:.1f} | {c:.1f} |" for phase, (w, c) in clock.phases.items()]
+    timing_md = "\n".join(["| phase | wall s | CPU s (this process) |", "|---|---|---|"] + timing)
+    print_fn("\n" + meaning + "\n")
     print_fn(table)
-    print_fn(f"\n{time.time() - t0:.0f}s; YAMLs in {out_dir / 'configs'}")
-    (out_dir / "results.md").write_text(table + "\n")
-    return dict(rows)
+    print_fn("\n" + timing_md)
+    print_fn(f"\ntotal {total:.0f} s wall, {time.process_time():.0f} s CPU, {threads} torch threads; "
+             f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end "
+             f"({os.cpu_count()} cores)")
+    print_fn(f"YAMLs in {out_dir / 'configs'}, merged models in {out_dir / 'merged'}, "
+             f"table and timings in {out_dir / 'results.md'}"
+             + (f", plot {png}" if png else " (no plot: matplotlib missing)"))
+    (out_dir / "results.md").write_text(
+        f"# Quality quick run, {started}\n\n"
+        "`python -m benchmarks.quality.run --quick` (benchmarks/quality/README.md).\n\n"
+        + meaning + "\n\n" + table + "\n\n"
+        + "\n".join(f"* `{QUICK_LABELS[l]}`: `merge_method: {QUICK_CONFIGS[l][0]}`, parameters "
+                    f"{QUICK_CONFIGS[l][1] or '(defaults)'}" for l in methods)
+        + "\n\n## Time\n\n" + timing_md
+        + f"\n\nTotal {total:.0f} s wall, {time.process_time():.0f} s CPU (this process), "
+          f"{threads} torch threads, {os.cpu_count()} cores; load average (1 min) "
+          f"{load_start[0]:.2f} at start, {load_end[0]:.2f} at end; "
+          f"fine-tunes {'reused from the cache' if len(cached) == len(tasks) else 'trained in this run'}.\n"
+        + "".join(f"\n* merge {l}: {s:.1f} s" for l, s in merge_s.items()) + "\n"
+    )
+    return result
 
 
 # ---------------------------------------------------------------- full run
@@ -360,7 +493,7 @@ def run_full(cache: Path = DEFAULT_CACHE, seeds=(0, 1, 2), lora_seeds=(0,), resu
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--quick", action="store_true", help="3 tasks, drm vs ties, a few minutes")
+    mode.add_argument("--quick", action="store_true", help="3 tasks, 5 untuned merges (recommended drm setting, tsv_m, iso_c, ties, paper drm)")
     mode.add_argument("--full", action="store_true", help="the full benchmark (cached, resumable)")
     p.add_argument("--out", default="drm-quality-quick", help="quick mode: output folder")
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
