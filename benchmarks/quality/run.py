@@ -329,7 +329,9 @@ def run_quick(out_dir, cache: Optional[Path] = None, tasks: Sequence[str] = tupl
     unknown = [m for m in methods if m not in QUICK_CONFIGS]
     if unknown:
         raise ValueError(f"unknown quick-mode method(s) {unknown}; choose from {list(QUICK_CONFIGS)}")
-    threads = int(os.environ.get("QUALITY_THREADS", max(1, min(2, os.cpu_count() or 1))))
+    # One thread unless QUALITY_THREADS says otherwise: with two OpenMP threads on a
+    # busy 2-core machine a fine-tune step took 24 s instead of 1.2 s (2026-12-06)
+    threads = int(os.environ.get("QUALITY_THREADS", "1"))
     torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
