@@ -86,9 +86,12 @@ class SubspaceMerge(CleansPartialOutput, GroupMergeMethod):
         if torch.promote_types(base.dtype, compute_dtype) != compute_dtype:
             base_c = base.to(compute_dtype)
 
-        def delta(entry, out=None):
-            out = torch.empty(base.shape, dtype=compute_dtype, device=base.device) if out is None else out
+        def delta(entry):
+            out = torch.empty(base.shape, dtype=compute_dtype, device=base.device)
             return out.copy_(entry.tensor).sub_(base_c)
+
+        def delta_slice(tensor, base_part, weight):
+            return tensor.to(compute_dtype, copy=True).sub_(base_part).mul_(weight)
 
         if params["decompose"] and group.metadata.vocabulary_axis is None and base.dim() == 2:
             deltas = [delta(entry) for entry in entries]
@@ -96,12 +99,16 @@ class SubspaceMerge(CleansPartialOutput, GroupMergeMethod):
             del deltas
         else:
             # The papers' rule for what they do not decompose: the mean, summed
-            # one model at a time (vocabulary tensors: no N copies in the compute dtype).
-            merged = torch.zeros(base.shape, dtype=compute_dtype, device=base.device)
-            scratch = torch.empty_like(merged)
-            for entry, weight in zip(entries, weights):
-                merged.add_(delta(entry, scratch).mul_(weight))
-            del scratch
+            # slice by slice in model order (vocabulary tensors: no copy of a
+            # whole delta in the compute dtype; the same sums as whole tensors).
+            merged = torch.empty(base.shape, dtype=compute_dtype, device=base.device)
+            flat, base_flat = merged.view(-1), base_c.reshape(-1)
+            inputs = [entry.tensor.reshape(-1) for entry in entries]
+            step = 1 << 16
+            for start in range(0, flat.numel(), step):
+                piece = flat[start:start + step].zero_()
+                for tensor, weight in zip(inputs, weights):
+                    piece.add_(delta_slice(tensor[start:start + step], base_flat[start:start + step], weight))
             merged.div_(len(entries))
         merged.mul_(params["lambda"]).add_(base_c)
         return checked_cast(merged, base.dtype, method=self.spec.name, tensor_name=name, params=params)

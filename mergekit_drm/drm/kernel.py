@@ -33,7 +33,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from mergekit_drm.checks import check_finite_stack
+from mergekit_drm.checks import _all_finite, check_finite, check_finite_stack
 from mergekit_drm.decompose import SvdMode, low_rank_factors
 from mergekit_drm.linalg_backends import matmul, stage
 from mergekit_drm.parameters import DENSITY, DIRECTION, NORM_TARGET, RANK_TOL, check, check_weights
@@ -340,6 +340,7 @@ def elementwise_merge(
     scale: float = 1.0,
     compute_dtype: torch.dtype | None = None,
     norm_target: str = "none",
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DRM's path for tensors outside the SVD: trim, elect, weight, disjoint mean.
 
@@ -348,35 +349,199 @@ def elementwise_merge(
     model's non-matrix tensors at once, which a per-tensor merge cannot see;
     its default, no trim, is reproduced exactly. ``norm_target`` rescales the
     result as on the SVD path (``options.target_norm``, on the untrimmed deltas).
+
+    With ``base``, ``deltas`` are the fine-tuned tensors and the task vectors
+    are ``deltas[t] - base``. Either way the N task vectors are never held in
+    ``compute_dtype`` at once: these tensors include embeddings and output
+    heads (128256 x 4096 at 8B), so the merge runs over slices of all models
+    (``_CHUNK`` entries each; sums over models in the same order as on the
+    whole stack, so results are bit-identical to it), and a trim's threshold
+    is found on one model's whole delta at a time. Extra memory: the merged
+    delta, one int8 sign per entry, and per-model transients.
     """
     check_joint_options(norm_target)
-    compute_dtype = resolve_compute_dtype(compute_dtype, _input_dtype(deltas))
-    stack = _stack(deltas, compute_dtype, writable=True)
-    check_finite_stack(stack, method="elementwise_merge", what="delta")
-    n_models = stack.shape[0]
-    weights_t = _weights(weights, n_models, stack)
-    target = None
-    if norm_target != "none":
-        flat = stack.reshape(n_models, 1, -1)
-        target = target_norm(
-            flat, stack.new_ones(1), weights_t, flat.ne(0).any(dim=2).any(dim=1), norm_target
-        )
+    source = _ChunkedDeltas(deltas, base, compute_dtype)
+    n_models, dtype = source.n_models, source.dtype
+    weights_t = _weights(weights, n_models, torch.empty(0, dtype=dtype, device=source.device))
     densities = [density] * n_models if isinstance(density, (int, float)) else list(density)
     if len(densities) != n_models:
         raise ValueError(f"expected {n_models} densities, got {len(densities)}")
-    for index, value in enumerate(densities):
+    for value in densities:
         if not 0 < value <= 1:
             raise ValueError(f"density must be in (0, 1], got {value}")
-        if value < 1:
-            stack[index].mul_(keep_top_magnitude(stack[index], value))
-    merged = elect_and_mean(
-        stack, weights_t, sign_election=sign_election, disjoint=disjoint
-    )
-    if target is not None:
-        merged = rescale_to(merged, target)
+    cuts = [_MagnitudeCut.of(source.whole(t), d) if d < 1 else None for t, d in enumerate(densities)]
+
+    elected, majority = None, None
+    if sign_election:
+        # Pass 1: the sign of the trimmed, unweighted mass, one int8 per entry.
+        elected = torch.empty(source.numel, dtype=torch.int8, device=source.device)
+        balance = 0
+        for start, stop, stack in source.chunks(cuts):
+            signs = torch.sign(stack.sum(dim=0))
+            elected[start:stop] = signs
+            balance += int(signs.sum())
+        # An exact tie takes the tensor-wide majority of elected signs; a tie there too takes +.
+        majority = -1 if balance < 0 else 1
+
+    merged = torch.empty(source.numel, dtype=dtype, device=source.device)
+    squares = torch.zeros(n_models, dtype=torch.float64, device=source.device)
+    active = torch.zeros(n_models, dtype=torch.bool, device=source.device)
+    sum_squares = torch.zeros((), dtype=torch.float64, device=source.device)
+    shape = (n_models, 1)
+    for start, stop, stack in source.chunks(cuts, before_trim=lambda s: _norm_pass(
+            s, norm_target, weights_t, squares, active, sum_squares)):
+        if sign_election:
+            sign = elected[start:stop].to(dtype)
+            sign.masked_fill_(sign == 0, majority)
+            # Keep entries agreeing with the elected sign (zeros stay zero).
+            stack.mul_(torch.mul(stack, sign).gt_(0))
+        weighted = stack.mul_(weights_t.reshape(shape))
+        total = weighted.sum(dim=0)
+        if disjoint:
+            total.div_((weighted != 0).sum(dim=0).clamp_min(1))
+        else:
+            total.div_(n_models)
+        merged[start:stop] = total
+    del elected
+    merged = merged.reshape(source.shape)
+    if norm_target != "none":
+        target = _target_from_sums(norm_target, squares, active, sum_squares, weights_t)
+        norm = _norm64(merged)
+        if bool(norm > 0):
+            merged.mul_((target / norm).to(dtype))
     if scale != 1.0:
-        merged = merged * scale
+        merged.mul_(scale)
     return merged
+
+
+_CHUNK = 1 << 16  # entries per model per slice: (N, chunk) temporaries of about a MiB
+
+
+class _ChunkedDeltas:
+    """N task vectors of one tensor, read slice by slice in the compute dtype.
+
+    Reads the callers' tensors (never writes them): ``tensors[t]`` itself, or
+    ``tensors[t] - base`` with both cast exactly as a whole-tensor subtraction
+    would. Checks finiteness up front, naming the model.
+    """
+
+    def __init__(self, tensors, base, compute_dtype):
+        tensors = list(tensors) if not isinstance(tensors, torch.Tensor) else list(tensors.unbind(0))
+        if not tensors:
+            raise ValueError("at least one delta is needed")
+        shape = tuple(tensors[0].shape)
+        for index, tensor in enumerate(tensors):
+            if tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"delta {index} (0-based) has shape {tuple(tensor.shape)}, delta 0 {shape}; "
+                    "every model's tensor must have the same shape"
+                )
+            check_finite(tensor, method="elementwise_merge", tensor_name=f"delta {index} (0-based)",
+                         fix="Pass finite tensors.")
+        inputs = tensors if base is None else tensors + [base]
+        if base is not None:
+            if tuple(base.shape) != shape:
+                raise ValueError(f"base has shape {tuple(base.shape)}, the deltas {shape}")
+            check_finite(base, method="elementwise_merge", tensor_name="base", fix="Pass finite tensors.")
+        self.dtype = resolve_compute_dtype(compute_dtype, _input_dtype(inputs))
+        self.shape = shape
+        self.device = tensors[0].device
+        self.n_models = len(tensors)
+        self.flat = [t.reshape(-1) for t in tensors]
+        self.base = None if base is None else base.reshape(-1)
+        self.numel = self.flat[0].numel()
+
+    def _fill(self, out: torch.Tensor, index: int, start: int, stop: int) -> torch.Tensor:
+        out.copy_(self.flat[index][start:stop])
+        if self.base is not None:
+            base = self.base[start:stop]
+            # Round a wider base first, as a cast-then-subtract would.
+            wider = torch.promote_types(base.dtype, self.dtype) != self.dtype
+            out.sub_(base.to(self.dtype) if wider else base)
+        return out
+
+    def whole(self, index: int) -> torch.Tensor:
+        """Model ``index``'s whole task vector (flat) in the compute dtype."""
+        out = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        return self._fill(out, index, 0, self.numel)
+
+    def chunks(self, cuts, before_trim=None):
+        """(start, stop, trimmed (N, stop - start) stack) over the flat tensor."""
+        taken = [0] * self.n_models  # tied entries kept so far, per model
+        for start in range(0, self.numel, _CHUNK):
+            stop = min(start + _CHUNK, self.numel)
+            stack = torch.empty((self.n_models, stop - start), dtype=self.dtype, device=self.device)
+            for index in range(self.n_models):
+                self._fill(stack[index], index, start, stop)
+            if not _all_finite(stack):  # finite inputs whose difference overflows
+                for index in range(self.n_models):
+                    check_finite(self.whole(index), method="elementwise_merge",
+                                 tensor_name=f"delta {index} (0-based)", fix="Pass finite tensors.")
+            if before_trim is not None:
+                before_trim(stack)
+            for index, cut in enumerate(cuts):
+                if cut is not None:
+                    taken[index] += cut.apply(stack[index], taken[index])
+            yield start, stop, stack
+
+
+class _MagnitudeCut:
+    """``keep_top_magnitude`` as a threshold plus the count of tied entries kept
+    (the first ones in flat order), so the same mask can be applied slice by slice."""
+
+    def __init__(self, threshold, tied_kept):
+        self.threshold, self.tied_kept = threshold, tied_kept
+
+    @classmethod
+    def of(cls, flat: torch.Tensor, density: float) -> "_MagnitudeCut | None":
+        total = flat.numel()
+        keep = min(max(int(math.floor(density * total + 0.5)), 1), total)
+        if keep >= total:
+            return None
+        magnitude = flat.abs_()  # the caller's temporary: no second copy
+        threshold = kth_smallest(magnitude, total - keep + 1)
+        return cls(threshold, keep - int((magnitude > threshold).sum()))
+
+    def apply(self, x: torch.Tensor, taken: int) -> int:
+        """Zero what the cut drops from the slice ``x`` (in place); return tied entries kept."""
+        magnitude = x.abs()
+        mask = magnitude > self.threshold
+        kept = 0
+        if self.tied_kept > taken:
+            tied = torch.nonzero(magnitude == self.threshold).reshape(-1)[: self.tied_kept - taken]
+            mask[tied] = True
+            kept = tied.numel()
+        x.mul_(mask)
+        return kept
+
+
+def _norm_pass(stack, norm_target, weights, squares, active, sum_squares) -> None:
+    """Accumulate what ``options.target_norm`` needs from an untrimmed slice."""
+    active |= stack.ne(0).any(dim=1)
+    if norm_target in ("mean", "total"):
+        squares += stack.to(torch.float64).square().sum(dim=1)
+    elif norm_target == "sum":
+        summed = (stack.to(torch.float64) * weights.to(torch.float64).reshape(-1, 1)).sum(dim=0)
+        sum_squares += summed.square().sum()
+
+
+def _target_from_sums(kind, squares, active, sum_squares, weights) -> torch.Tensor:
+    """``options.target_norm`` from accumulated squares (same definitions)."""
+    if kind == "sum":
+        return sum_squares.sqrt()
+    norms = squares.sqrt() * weights.to(torch.float64).abs()
+    if kind == "total":
+        return norms[active].sum()
+    return norms[active].sum() / max(int(active.sum()), 1)
+
+
+def _norm64(x: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm accumulated in float64 without a float64 copy of ``x``."""
+    flat = x.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        total += flat[start:start + _CHUNK].to(torch.float64).square().sum()
+    return total.sqrt()
 
 
 def _stack(deltas, compute_dtype: torch.dtype, *, writable: bool) -> torch.Tensor:

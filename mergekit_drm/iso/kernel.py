@@ -85,15 +85,46 @@ def iso_cts_factors(
     return orthogonalized_factors(us, torch.full_like(sigma, float(sigma.mean())), vhs, svd=svd)
 
 
-def _weighted(deltas, weights, compute_dtype):
-    stack = [d.to(compute_dtype) for d in deltas]
-    if not stack:
+class _Weighted(Sequence):
+    """The weighted task vectors w_t * D_t in the compute dtype, made on access.
+
+    Iso-CTS visits them one at a time, so N weighted copies never exist at once.
+    """
+
+    def __init__(self, deltas, weights, compute_dtype):
+        self.deltas, self.weights, self.dtype = deltas, weights, compute_dtype
+
+    def __len__(self):
+        return len(self.deltas)
+
+    def __getitem__(self, index):
+        return self.deltas[index].to(self.dtype) * self.weights[index]
+
+    def total(self) -> torch.Tensor:
+        """sum_t w_t D_t by row blocks: the same sums as stacking the N weighted
+        copies (bit for bit: a sum over the models, block by block), without them."""
+        n, m = self.deltas[0].shape
+        out = torch.empty((n, m), dtype=self.dtype, device=self.deltas[0].device)
+        rows = max(1, _BLOCK // max(m, 1))
+        for start in range(0, n, rows):
+            out[start:start + rows] = torch.stack([
+                d[start:start + rows].to(self.dtype) * w for d, w in zip(self.deltas, self.weights)
+            ]).sum(0)
+        return out
+
+
+_BLOCK = 1 << 18  # entries per model in one block of the weighted sum
+
+
+def _weighted(deltas, weights, compute_dtype) -> _Weighted:
+    deltas = list(deltas)
+    if not deltas:
         raise ValueError("at least one delta is needed")
-    weights = [1.0] * len(stack) if weights is None else list(weights)
-    check_weights(weights, len(stack))
-    if stack[0].dim() != 2:
-        raise ValueError(f"Iso-C/Iso-CTS merge matrices, got a tensor of shape {tuple(stack[0].shape)}")
-    return [d * w for d, w in zip(stack, weights)]
+    weights = [1.0] * len(deltas) if weights is None else list(weights)
+    check_weights(weights, len(deltas))
+    if deltas[0].dim() != 2:
+        raise ValueError(f"Iso-C/Iso-CTS merge matrices, got a tensor of shape {tuple(deltas[0].shape)}")
+    return _Weighted(deltas, weights, compute_dtype)
 
 
 def iso_c_merge_matrix(
@@ -105,7 +136,7 @@ def iso_c_merge_matrix(
 ) -> torch.Tensor:
     """Merge T task vectors of one matrix with Iso-C; returns the merged delta."""
     weighted = _weighted(deltas, weights, compute_dtype)
-    left, right = iso_c_factors(torch.stack(weighted).sum(0), svd=svd)
+    left, right = iso_c_factors(weighted.total(), svd=svd)
     return left @ right
 
 
@@ -120,7 +151,7 @@ def iso_cts_merge_matrix(
     """Merge T task vectors of one matrix with Iso-CTS; returns the merged delta."""
     weighted = _weighted(deltas, weights, compute_dtype)
     left, right = iso_cts_factors(
-        torch.stack(weighted).sum(0), weighted,
+        weighted.total(), weighted,
         common_space_fraction=common_space_fraction, svd=svd,
     )
     return left @ right
