@@ -1,6 +1,6 @@
 """Quality benchmark driver.
 
-Quick mode (3 tasks, full fine-tunes, the recommended drm setting, tsv_m, iso_c,
+Quick mode (5 tasks, full fine-tunes, the recommended drm setting, tsv_m, iso_c,
 ties and the paper's drm through mergekit, untuned; table, YAMLs, plot):
     python -m benchmarks.quality.run --quick [--out drm-quality-quick]
 Full benchmark (5 tasks, 3 seeds, 9 methods, ablations, LoRA; cached, resumable):
@@ -495,7 +495,7 @@ def run_full(cache: Path = DEFAULT_CACHE, seeds=(0, 1, 2), lora_seeds=(0,), resu
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--quick", action="store_true", help="3 tasks, 5 untuned merges (recommended drm setting, tsv_m, iso_c, ties, paper drm)")
+    mode.add_argument("--quick", action="store_true", help="5 tasks, 5 untuned merges (recommended drm setting, tsv_m, iso_c, ties, paper drm)")
     mode.add_argument("--full", action="store_true", help="the full benchmark (cached, resumable)")
     p.add_argument("--out", default="drm-quality-quick", help="quick mode: output folder")
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
