@@ -10,8 +10,9 @@ JSON file (``$MERGEKIT_DRM_CACHE_DIR``, default ``~/.cache/mergekit-drm``).
 * ``eigh``: symmetric eigensolver, raced per size bucket (a quarter octave)
   when the first real Gram matrix of that size comes: every candidate
   decomposes a synthetic proxy a quarter of its size (``_race_eigh``; the
-  ranking is assumed to carry over, the race costs a few percent of one real
-  solve), and the winner's name is cached and solves the matrix. Candidates: torch
+  ranking is assumed to carry over; the race stops at ~20 % of one real
+  solve, a fraction of a percent of a merge that meets the size in every
+  layer), and the winner's name is cached and solves the matrix. Candidates: torch
   (MKL ``syevd``), numpy (OpenBLAS ``syevd``), scipy drivers ``evd`` and
   ``evr``. (scipy's ``subset_by_value``, i.e. only the eigenpairs above the
   rank cut, was measured 5x slower than the full ``evr`` at n = 2816: DRM

@@ -2,7 +2,7 @@
 
 For a generated Llama-shaped base with 3 dense fine-tunes (bf16 on disk):
 
-1. **Routes on the device.** The device's measured rates (float32 / float64
+1. **Routes on the device** (after the merges, the check that matters most). The device's measured rates (float32 / float64
    GEMM, float64 eigh, float32 SVD: ``linalg_backends.route_constants``,
    cached per device model) and, per matrix shape of the model and DRM
    direction, the time of the float32 SVD route, the float64 Gram route and
@@ -293,11 +293,6 @@ def main(argv=None) -> int:
              f"Device: {device_line(args.device)}", "",
              f"Host: {bench_drm.machine()}", ""]
     ok = True
-    if not args.skip_routes:
-        lines += ["## DRM routes on the device, one matrix, 3 fine-tunes, float32 inputs, density 0.2, "
-                  "rank_tol 0.01 (relative Frobenius error of the merged delta vs float64 compute)", ""]
-        route_table(shape, args.device, lines, deadline)
-        lines.append("")
     if not args.skip_merges:
         workdir = args.workdir or tempfile.mkdtemp(prefix="gpu-check-")
         os.makedirs(workdir, exist_ok=True)
@@ -306,11 +301,18 @@ def main(argv=None) -> int:
         print(f"checkpoints ready in {time.perf_counter() - start:.0f} s", flush=True)
         lines += ["## Whole merges on the device vs a CPU float64 reference (output float32; "
                   "error of the merged delta, relative)", ""]
-        ok = merge_table(shape, args.shape, paths, args.device, workdir, lines, deadline,
+        # Leave the route table a quarter of the budget.
+        merge_deadline = deadline if args.skip_routes else started + 0.75 * args.budget_s
+        ok = merge_table(shape, args.shape, paths, args.device, workdir, lines, merge_deadline,
                          args.methods.split(","))
         lines.append("")
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+    if not args.skip_routes:
+        lines += ["## DRM routes on the device, one matrix, 3 fine-tunes, float32 inputs, density 0.2, "
+                  "rank_tol 0.01 (relative Frobenius error of the merged delta vs float64 compute)", ""]
+        route_table(shape, args.device, lines, deadline)
+        lines.append("")
     one_off = linalg_backends.one_off_costs()
     lines.append(f"One-off measurements in this process: "
                  + (", ".join(f"{k} {v:.1f} s" for k, v in one_off.items()) or "none (cached)"))
