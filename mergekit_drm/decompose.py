@@ -66,13 +66,13 @@ def _gram_error(dtype: torch.dtype, tol: float) -> float:
     return torch.finfo(dtype).eps / max(tol, 1e-300) ** 2
 
 
-def route_costs(p: int, width: int, dtype: torch.dtype, device=None) -> dict:
+def route_costs(p: int, width: int, dtype: torch.dtype) -> dict:
     """Estimated seconds of each route for A = p x width (width = N*q).
 
     Flop counts times seconds-per-flop measured on this machine (or fixed
     fallbacks with ``MERGEKIT_DRM_CALIBRATION=off``).
     """
-    c = route_constants(device)  # measured on ``device`` (a GPU's float64 rate)
+    c = route_constants()
     a, b = max(p, width), min(p, width)
     svd = c["svd64"] if dtype == torch.float64 else c["svd32"]
     gemm = c["gemm64"] if dtype == torch.float64 else c["gemm32"]
@@ -87,7 +87,7 @@ def route_costs(p: int, width: int, dtype: torch.dtype, device=None) -> dict:
 
 
 def choose_route(
-    shape: Tuple[int, int], dtype: torch.dtype, tol: float, mode: SvdMode, device=None
+    shape: Tuple[int, int], dtype: torch.dtype, tol: float, mode: SvdMode
 ) -> Tuple[str, Optional[torch.dtype]]:
     """(route, Gram dtype): ``full`` SVD, ``left`` or ``right`` Gram (float64).
 
@@ -114,7 +114,7 @@ def choose_route(
         if not f64_ok:
             return "full", None
         return ("left", torch.float64) if p <= width else ("right", torch.float64)
-    costs = route_costs(p, width, dtype, device)
+    costs = route_costs(p, width, dtype)
     options = {"full": ("full", None)}
     if f64_ok:
         options["left64"] = ("left", torch.float64)
@@ -147,7 +147,7 @@ def low_rank_factors(
         found = _lowrank_factors(deltas, tol, forced=mode == "lowrank", max_rank=max_rank)
         if found is not None:
             return found
-    route, gram_dtype = choose_route((p, n_models * q), deltas.dtype, tol, mode, deltas.device)
+    route, gram_dtype = choose_route((p, n_models * q), deltas.dtype, tol, mode)
     _log_route(route, (p, n_models * q), mode)
     if route == "full":
         return _svd_factors(deltas, tol, max_rank)
@@ -271,9 +271,13 @@ def lowrank_plan(shape: Tuple[int, int], dtype: torch.dtype, tol: float) -> Opti
     unit = route_constants()["gemm64"] * 4 * p * width  # one column of one pass
     from mergekit_drm.rangefinder import OVERSAMPLE, READ_COLUMNS
 
+    from mergekit_drm.rangefinder import PROBE_POWERS, PROBES
+
     probe = PROBE_BUDGET * dense / unit
     k = min(int(probe) - READ_COLUMNS, SKETCH_K_MAX_FIRST, short // 4)
-    if k < 2 * OVERSAMPLE + 8:
+    # a typical success: the probe, three iterations, the first certificate bound
+    typical = 4 * (k + READ_COLUMNS) + PROBE_POWERS[0] * (PROBES + READ_COLUMNS)
+    if k < 2 * OVERSAMPLE + 8 or typical > ROUTE_BUDGET * dense / unit:
         return None
     return {"k": k, "probe_work": probe, "max_work": ROUTE_BUDGET * dense / unit}
 

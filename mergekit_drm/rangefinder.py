@@ -45,7 +45,10 @@ import torch
 from mergekit_drm.linalg_backends import matmul, stage
 
 OVERSAMPLE = 8  # sketch columns beyond the kept directions
-READ_COLUMNS = 8  # a pass's read and float64 cast of the deltas, in columns of GEMM work
+# A pass's read and float64 cast of the deltas, in columns of float64 GEMM work
+# (measured: a 72-column pass over one 2048 x 8192 float32 delta took 0.70 s,
+# the same GEMMs on a float64 copy 0.35 s).
+READ_COLUMNS = 64
 ALPHA, PROBES = 10.0, 8  # certificate: failure probability ALPHA ** -PROBES
 PROBE_POWERS = (3, 10)  # powers of X the certificate tries: first bound, last
 RITZ_TOL = {torch.float32: 1e-9, torch.float64: 1e-12}  # kept pairs' residual / theta_1

@@ -93,6 +93,9 @@ def run(deltas, label, methods, lines, ties=True):
         fast, t_fast, rec_fast, stages = timed(lambda: METHODS[name](deltas, "auto"))
         diff = float((fast - exact).norm() / exact.norm().clamp_min(1e-30))
         ratio = f" ({t_fast / base:.2f}x ties)" if base else ""
+        if "sketch" in stages and not any(r["route"] == "lowrank" for r in rec_fast):
+            # what a fall-through wasted: the probe passes, against the exact route's time
+            ratio += f" (probe {stages['sketch']:.2f} s = {100 * stages['sketch'] / t_exact:.1f} %)"
         lines.append(
             f"| {label} | {name} | {t_exact:.1f} | {t_fast:.1f}{ratio} | {describe(rec_fast)} | {diff:.1e} |")
         print(lines[-1], flush=True)
@@ -104,7 +107,7 @@ def main(argv=None):
     parser.add_argument("--cols", type=int, default=8192)
     parser.add_argument("--models", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--strength", type=float, nargs="+", default=[0.05])
+    parser.add_argument("--strength", type=float, nargs="*", default=[0.05])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--dense", action="store_true", help="also the decaying full-rank stack")
     args = parser.parse_args(argv)
