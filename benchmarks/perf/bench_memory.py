@@ -172,13 +172,19 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--n-ft", type=int, default=3)
-    parser.add_argument("--methods", default=None, help="comma-separated labels (default all)")
+    parser.add_argument("--methods", default=None,
+                        help="labels separated by ';' (default all; ties is always run, for the ratios)")
     parser.add_argument("--out", default=None, help="markdown file (default benchmarks/results/memory.md)")
     args = parser.parse_args(argv)
     methods = METHODS
     if args.methods:
-        wanted = [m.strip() for m in args.methods.split(",")]
-        methods = {k: v for k, v in METHODS.items() if k in wanted or k == "ties"}
+        wanted = [m.strip() for m in args.methods.split(";")]
+        unknown = sorted(set(wanted) - set(METHODS))
+        if unknown:
+            parser.error(f"unknown method label(s) {unknown}; known: {sorted(METHODS)}")
+        # ties last: a filtered run's own methods come first.
+        methods = {k: METHODS[k] for k in wanted if k != "ties"}
+        methods["ties"] = METHODS["ties"]
     started = time.time()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         print("building the benchmark model ...", flush=True)
