@@ -66,13 +66,13 @@ def _gram_error(dtype: torch.dtype, tol: float) -> float:
     return torch.finfo(dtype).eps / max(tol, 1e-300) ** 2
 
 
-def route_costs(p: int, width: int, dtype: torch.dtype) -> dict:
+def route_costs(p: int, width: int, dtype: torch.dtype, device=None) -> dict:
     """Estimated seconds of each route for A = p x width (width = N*q).
 
     Flop counts times seconds-per-flop measured on this machine (or fixed
     fallbacks with ``MERGEKIT_DRM_CALIBRATION=off``).
     """
-    c = route_constants()
+    c = route_constants(device)  # measured on ``device`` (a GPU's float64 rate)
     a, b = max(p, width), min(p, width)
     svd = c["svd64"] if dtype == torch.float64 else c["svd32"]
     gemm = c["gemm64"] if dtype == torch.float64 else c["gemm32"]
@@ -87,7 +87,7 @@ def route_costs(p: int, width: int, dtype: torch.dtype) -> dict:
 
 
 def choose_route(
-    shape: Tuple[int, int], dtype: torch.dtype, tol: float, mode: SvdMode
+    shape: Tuple[int, int], dtype: torch.dtype, tol: float, mode: SvdMode, device=None
 ) -> Tuple[str, Optional[torch.dtype]]:
     """(route, Gram dtype): ``full`` SVD, ``left`` or ``right`` Gram (float64).
 
@@ -114,7 +114,7 @@ def choose_route(
         if not f64_ok:
             return "full", None
         return ("left", torch.float64) if p <= width else ("right", torch.float64)
-    costs = route_costs(p, width, dtype)
+    costs = route_costs(p, width, dtype, device)
     options = {"full": ("full", None)}
     if f64_ok:
         options["left64"] = ("left", torch.float64)
@@ -147,7 +147,7 @@ def low_rank_factors(
         found = _lowrank_factors(deltas, tol, forced=mode == "lowrank", max_rank=max_rank)
         if found is not None:
             return found
-    route, gram_dtype = choose_route((p, n_models * q), deltas.dtype, tol, mode)
+    route, gram_dtype = choose_route((p, n_models * q), deltas.dtype, tol, mode, deltas.device)
     _log_route(route, (p, n_models * q), mode)
     if route == "full":
         return _svd_factors(deltas, tol, max_rank)
