@@ -527,7 +527,7 @@ def _sync(device: torch.device) -> None:
 def _measure_route_constants(device: Optional[torch.device] = None) -> dict:
     """Seconds per flop unit of eigh, SVD and GEMM (ratios matter).
 
-    Candidates are timed in interleaved rounds (best of each, ``_race``): a
+    Candidates are timed after a warm-up in 3 interleaved rounds (best of each, ``_race``): a
     multi-threaded eigensolver stalled by another process once read 4x slow
     at n = 384 and tipped 4096-wide stacks to the (then 4x slower) SVD. On a
     GPU everything runs in torch on the device, at sizes where a GPU is busy
@@ -563,7 +563,7 @@ def _measure_route_constants(device: Optional[torch.device] = None) -> dict:
         candidates["eigh:" + name] = timed(lambda name=name: _eigh(name, sym.clone()))
     for fn in candidates.values():  # warm-up: cuSOLVER handles, MKL/OpenBLAS threads
         fn()
-    times = _race(candidates, rounds=5 if not on_gpu else 3)
+    times = _race(candidates, rounds=3)
     svd_units = a * b * b + b ** 3
     gemm_units = 2 * g ** 3
     return {
