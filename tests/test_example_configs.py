@@ -67,3 +67,17 @@ def test_hub_id_detection():
     }
     assert _hub_ids({"models": [{"model": "./drm-demo/ft"}, "/abs/path"]}) == set()
     assert _hub_ids({"models": [{"model": "org/base+./adapters/a"}]}) == {"org/base"}
+
+
+def test_tiny_demo_example_names_the_models_the_demo_writes():
+    """The offline example points at the folders mergekit-drm-demo creates."""
+    import inspect
+
+    from mergekit_drm import demo
+
+    data = yaml.safe_load((EXAMPLES[0].parent / "tiny-demo-drm.yml").read_text())
+    source = inspect.getsource(demo)
+    tasks = [m["model"].rsplit("ft-", 1)[1] for m in data["models"]]
+    assert f"tasks = {tasks!r}".replace("'", '"') in source.replace("'", '"')
+    assert data["base_model"] == "./drm-demo/base"
+    assert demo.MERGES["drm-recommended"][1] == data["parameters"]
