@@ -105,6 +105,11 @@ SWEEP_N = {"full": (2, 3, 5, 8), "quick": (2, 3)}
 # ------------------------------------------------------------------ model layout and generation
 
 
+
+def _secs(value: float) -> str:
+    """Seconds with 3 significant digits below 10 s (a 0.04 s quick-mode merge is not 0.0)."""
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+
 def llama_tensors(shape: dict) -> list:
     """(name, shape) of a LlamaForCausalLM state dict in Hugging Face order."""
     hidden, inter = shape["hidden"], shape["intermediate"]
@@ -694,7 +699,7 @@ def report(data: dict, mode: str) -> str:
             load = "; ".join(f"{r['load_before'][0]:.1f}->{r['load_after'][0]:.1f}" for r in runs)
             commits = ", ".join(sorted({r["commit"] + ("*" if r.get("dirty") else "") for r in runs}))
             walls = ", ".join(f"{r['wall_s']:.0f}" for r in runs)
-            lines.append(f"| {m} | {len(runs)} | {wall:.1f} | {wall / ties_w:.2f} | "
+            lines.append(f"| {m} | {len(runs)} | {_secs(wall)} | {wall / ties_w:.2f} | "
                          f"{walls} | {rss / 1024:.0f} | "
                          f"{rss / ties_m:.2f} | {load} | {commits} |")
         lines.append("")
@@ -772,7 +777,7 @@ def _tensor_tables(rows, kind, shapes) -> list:
             proj = projection(row["tensors"], shapes["1B"])
             walls = [r["wall_s"] for k, r in rows.items() if k.startswith(f"whole|{kind}|{m}|") and "wall_s" in r]
             meas = _med(walls)
-            lines.append(f"| {m} | {proj:.1f} | {meas:.1f} | {meas / proj:.2f} |")
+            lines.append(f"| {m} | {_secs(proj)} | {_secs(meas)} | {meas / proj:.2f} |")
         lines += ["", "The measured merge also reads and writes the checkpoints and starts mergekit-yaml, "
                   "which the projection leaves out.", ""]
     return lines
@@ -791,7 +796,7 @@ def _sweep_table(rows, shapes) -> list:
             for n in cols:
                 row = rows.get(f"tensor|8B|{kind}|{n}|{m}")
                 ok = row and "tensors" in row
-                cells.append(f"{sum(e['s'] for x, e in row['tensors'].items() if not is_vocab(x)):.1f}"
+                cells.append(_secs(sum(e['s'] for x, e in row['tensors'].items() if not is_vocab(x)))
                              if ok else "")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
