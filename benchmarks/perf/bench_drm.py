@@ -376,23 +376,29 @@ def run_merge_measured(config_path: str, out: str, env=None):
     return wall, peak_kib
 
 
-def merge_table(paths, runs: int, lines, workdir: str, baseline_runs: int = 0):
+def write_merge_config(path: str, method: str, base: str, finetunes, shared: dict,
+                       per_model: dict, dtype: str) -> None:
+    """The mergekit YAML a user would write: shared parameters once, per-model ones per model."""
     import yaml
 
+    config = {
+        "merge_method": method,
+        "base_model": base,
+        "models": [{"model": p, **({"parameters": per_model} if per_model else {})} for p in finetunes],
+        "dtype": dtype,
+    }
+    if shared:
+        config["parameters"] = shared
+    with open(path, "w") as handle:
+        yaml.safe_dump(config, handle)
+
+
+def merge_table(paths, runs: int, lines, workdir: str, baseline_runs: int = 0):
     base, *fts = paths
     results = {}
     for label, (method, shared, per_model) in METHODS.items():
-        config = {
-            "merge_method": method,
-            "base_model": base,
-            "models": [{"model": p, **({"parameters": per_model} if per_model else {})} for p in fts],
-            "dtype": "float32",
-        }
-        if shared:
-            config["parameters"] = shared
         path = os.path.join(workdir, f"{method}-{shared.get('direction', 'x')}.yml")
-        with open(path, "w") as handle:
-            yaml.safe_dump(config, handle)
+        write_merge_config(path, method, base, fts, shared, per_model, "float32")
         results[label] = (path, [])
     off = dict(os.environ, MERGEKIT_DRM_CALIBRATION="off")
     for label, of in BASELINES.items():

@@ -6,7 +6,7 @@ each) are most of the model, so any extra N-sized copy of a vocabulary tensor
 (the elementwise path, the mean of the subspace methods) shows in the peak
 RSS, which a 4096 vocabulary hides. Base plus N generated fine-tunes (random
 init, generated deltas, no download), one ``mergekit-yaml`` process per merge,
-peak RSS from ``/usr/bin/time -v`` (psutil polling where it is missing),
+peak RSS from ``/usr/bin/time`` (``bench_scale.run_yaml_measured``: /proc polling where it is missing),
 methods interleaved.
 
     python -m benchmarks.perf.bench_memory              # ~5 min on 2 cores
@@ -23,14 +23,14 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 
-from benchmarks.perf.bench_drm import ROOT, finetune_like, machine
+from benchmarks.perf.bench_drm import ROOT, finetune_like, machine, write_merge_config
+from benchmarks.perf.bench_scale import run_yaml_measured
 
 # label: (merge_method, shared parameters, per-model parameters)
 METHODS = {
@@ -83,61 +83,12 @@ def build_model(root: str, hidden: int, intermediate: int, layers: int, vocab: i
     return paths
 
 
-def _peak_by_polling(cmd, env):
-    import psutil
-
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    handle = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            rss = handle.memory_info().rss
-            rss += sum(c.memory_info().rss for c in handle.children(recursive=True))
-            peak = max(peak, rss)
-        except psutil.Error:
-            pass
-        time.sleep(0.02)
-    _, err = proc.communicate()
-    return proc.returncode, err, peak // 1024
-
-
-def run_merge(config_path: str, out: str, env=None):
-    """(wall s, peak RSS KiB) of one ``mergekit-yaml`` process."""
-    exe = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
-    cmd = [exe, config_path, out, "--no-copy-tokenizer", "--no-write-model-card"]
-    shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    if os.path.exists("/usr/bin/time"):
-        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
-        code, err = proc.returncode, proc.stderr
-        lines = [l for l in err.splitlines() if "Maximum resident set size" in l]
-        peak_kib = int(lines[-1].split(":")[-1]) if lines else 0
-    else:
-        code, err, peak_kib = _peak_by_polling(cmd, env)
-    wall = time.perf_counter() - start
-    if code != 0:
-        raise RuntimeError(f"mergekit-yaml {config_path} failed:\n{err[-3000:]}")
-    shutil.rmtree(out, ignore_errors=True)
-    return wall, peak_kib
-
-
 def write_configs(paths, workdir: str, methods):
-    import yaml
-
     base, *fts = paths
     configs = {}
     for index, (label, (method, shared, per_model)) in enumerate(methods.items()):
-        config = {
-            "merge_method": method,
-            "base_model": base,
-            "models": [{"model": p, **({"parameters": per_model} if per_model else {})} for p in fts],
-            "dtype": "bfloat16",
-        }
-        if shared:
-            config["parameters"] = shared
         path = os.path.join(workdir, f"{index}-{method}.yml")
-        with open(path, "w") as handle:
-            yaml.safe_dump(config, handle)
+        write_merge_config(path, method, base, fts, shared, per_model, "bfloat16")
         configs[label] = path
     return configs
 
@@ -146,7 +97,7 @@ def measure(configs, runs: int, workdir: str):
     samples = {label: [] for label in configs}
     for run in range(runs):  # interleaved, so load drifts hit every method alike
         for label, path in configs.items():
-            samples[label].append(run_merge(path, os.path.join(workdir, "out")))
+            samples[label].append(run_yaml_measured(path, os.path.join(workdir, "out")))
             wall, kib = samples[label][-1]
             print(f"run {run + 1}/{runs} {label}: {wall:.1f} s, {kib / 1024:.0f} MiB", flush=True)
     return {

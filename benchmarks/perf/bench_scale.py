@@ -491,20 +491,12 @@ class Bench:
         print(f"  wrote {path} in {time.perf_counter() - start:.0f} s", flush=True)
 
     def job_whole(self, key: str, kind: str, label: str):
-        import yaml
-
         method, shared, per_model = METHODS[label]
         base, *fts = self.ckpt_paths(kind, N_FINETUNES)
-        config = {"merge_method": method, "base_model": base, "dtype": "bfloat16",
-                  "models": [{"model": p, **({"parameters": per_model} if per_model else {})}
-                             for p in fts]}
-        if shared:
-            config["parameters"] = shared
         work = os.path.join(self.cache, "work")
         os.makedirs(work, exist_ok=True)
         config_path = os.path.join(work, f"{label}-{kind}.yml")
-        with open(config_path, "w") as handle:
-            yaml.safe_dump(config, handle)
+        bench_drm.write_merge_config(config_path, method, base, fts, shared, per_model, "bfloat16")
         measure = run_inprocess_measured if self.args.quick else run_yaml_measured
         load_before = _load()
         try:
