@@ -23,6 +23,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
+from mergekit_drm.demo import MERGES as DEMO_MERGES
+
 from . import data as D
 from . import merging
 from . import model as M
@@ -242,13 +244,8 @@ def _table(rows: List[tuple], tasks: Sequence[str]) -> str:
 #   iso_c            lambda 2 (the README: never lambda 1 untuned on full fine-tunes)
 #   ties             mergekit's best-known built-in, density 0.2, lambda 1
 #   drm-paper        the paper's drm (vertical, density 0.2, lambda 1)
-QUICK_CONFIGS = {
-    "drm-recommended": ("drm", {"isotropic": True, "norm_target": "total"}),
-    "tsv_m": ("tsv_m", {}),
-    "iso_c": ("iso_c", {"lambda": 2.0}),
-    "ties": ("ties", {"density": 0.2, "lambda": 1.0}),
-    "drm-paper": ("drm", {"direction": "vertical"}),
-}
+# The same five merges as mergekit-drm-demo, from one definition.
+QUICK_CONFIGS = DEMO_MERGES
 QUICK_LABELS = {
     "drm-recommended": "drm isotropic+total (recommended)",
     "tsv_m": "tsv_m",
