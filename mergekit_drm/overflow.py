@@ -24,6 +24,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from mergekit_drm.checks import _all_finite
+
 
 class OutputOverflowError(ValueError):
     """A merged tensor is not finite in the dtype it is returned in."""
@@ -47,11 +49,6 @@ def _wider(dtype: torch.dtype) -> str:
     if dtype == torch.float16:
         return "use `dtype: bfloat16` or `dtype: float32` (both have float32's range, about 3.4e38)"
     return "use `dtype: float64`"
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    # A sum is one reading pass; only when it is not finite is every entry tested.
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def _scalars(params: Optional[Mapping[str, Any]]) -> str:
