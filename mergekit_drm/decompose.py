@@ -218,6 +218,9 @@ def _gram_factors(
                     matmul(d_s.T, d_t, out=gram[s * q:(s + 1) * q, t * q:(t + 1) * q])
                     del d_t
                 del d_s
+    # A column of D_t that is exactly zero has a zero Gram diagonal entry (a sum
+    # of squares): the right route gives it exact-zero coordinates below.
+    zero_columns = None if left else (gram.diagonal() == 0).view(n_models, q)
     evals, evecs = eigh(gram)
     del gram
     evals = evals.flip(0)
@@ -240,6 +243,14 @@ def _gram_factors(
             for index, delta in enumerate(deltas):
                 basis.add_(matmul(delta, right[index * q:(index + 1) * q]))
             basis.mul_((1.0 / sigma).to(dtype).unsqueeze(0))
+        with stage("project"):
+            # The coordinates are the eigenvectors' blocks: diag(1/sigma) U^T D_t
+            # = V_t^T exactly, so the GEMMs of ``project`` are not needed (and
+            # V from the float64 eigensolver is the more accurate of the two).
+            # Columns a model left unchanged get exact zeros, as the GEMM gives.
+            coords = vecs.T.reshape(r, n_models, q).permute(1, 0, 2).to(dtype).contiguous()
+            coords.masked_fill_(zero_columns.unsqueeze(1), 0)
+        return basis, sigma.to(dtype), coords
     sigma = sigma.to(dtype)
     return basis, sigma, project(deltas, basis, sigma)
 

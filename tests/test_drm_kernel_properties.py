@@ -689,3 +689,30 @@ def test_keep_top_magnitude_keeps_exactly_the_largest_on_large_inputs():
     keep = int(0.2 * x.numel() + 0.5)
     assert int(mask.sum()) == keep
     assert x.abs()[mask].min() >= x.abs()[~mask].max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_right_gram_coordinates_equal_the_projection(dtype):
+    """The right Gram route takes coordinates from the eigenvectors (no GEMM):
+    they must equal diag(1/sigma) U^T D_t, the projection of the deltas, and be
+    exact zeros where a model left a column (or the whole matrix) unchanged."""
+    from mergekit_drm import decompose
+
+    g = torch.Generator().manual_seed(7)
+    n_models, p, q = 3, 40, 9  # short side N*q = 27 < p: the right route
+    deltas = torch.randn(n_models, p, q, generator=g, dtype=torch.float64)
+    deltas[0, :, 4] = 0  # model 0 left column 4 unchanged
+    deltas[2] = 0  # model 2 left the matrix unchanged
+    deltas = deltas.to(dtype)
+    basis, sigma, coords = decompose._gram_factors(deltas, 1e-6, torch.float64, left=False)
+    projected = decompose.project(deltas, basis, sigma)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(coords, projected, atol=tol, rtol=0)
+    assert (coords[0, :, 4] == 0).all() and (coords[2] == 0).all()
+    assert coords[1].abs().min() > 0  # no spurious zeros elsewhere
+    # side by side the coordinate rows are orthonormal
+    side = coords.permute(1, 0, 2).reshape(coords.shape[1], -1).double()
+    assert torch.allclose(side @ side.T, torch.eye(side.shape[0], dtype=torch.float64), atol=10 * tol)
+    # and they reconstruct every delta
+    rebuilt = torch.einsum("pr,r,nrq->npq", basis.double(), sigma.double(), coords.double())
+    assert torch.allclose(rebuilt, deltas.double(), atol=1e-4 if dtype == torch.float32 else 1e-10)
