@@ -28,6 +28,7 @@ exact zeros exact.
 
 from __future__ import annotations
 
+import threading
 from typing import Literal, Optional, Tuple
 
 import torch
@@ -263,6 +264,36 @@ def _gram_factors(
 SKETCH_MIN_WIDTH = 256  # short side below which the exact routes are cheap anyway
 PROBE_BUDGET, ROUTE_BUDGET = 0.05, 0.5
 SKETCH_K_MAX_FIRST, SKETCH_K_FORCED = 64, 64
+# Stacks of one shape come in series (every layer's down_proj), and fine-tunes
+# are dense or low rank throughout. After FAILED_STREAK probes of a shape in a
+# row that found no certified basis, ``auto`` probes only every RECHECK_EVERY-th
+# stack of that shape; one success resets the count. A skipped probe costs
+# nothing but the chance of the faster route: the exact route gives the same factors.
+FAILED_STREAK, RECHECK_EVERY = 2, 8
+_probe_history: dict = {}  # (p, width, dtype, device type) -> [failures in a row, skipped since]
+_probe_lock = threading.Lock()
+
+
+def reset_probe_history() -> None:
+    """Forget which shapes were dense (tests; a new merge in the same process)."""
+    with _probe_lock:
+        _probe_history.clear()
+
+
+def _skip_probe(key) -> bool:
+    with _probe_lock:
+        record = _probe_history.setdefault(key, [0, 0])
+        if record[0] >= FAILED_STREAK and record[1] + 1 < RECHECK_EVERY:
+            record[1] += 1
+            return True
+        record[1] = 0
+        return False
+
+
+def _probe_outcome(key, certified: bool) -> None:
+    with _probe_lock:
+        record = _probe_history.setdefault(key, [0, 0])
+        record[0] = 0 if certified else record[0] + 1
 
 
 def _log_route(route: str, shape: Tuple[int, int], mode: str, **extra) -> None:
@@ -316,7 +347,13 @@ def _lowrank_factors(deltas: torch.Tensor, tol: float, *, forced: bool, max_rank
                 stacklevel=3,
             )
         return None
+    key = (p, n_models * q, deltas.dtype, deltas.device.type)
+    if not forced and _skip_probe(key):
+        _log_route("lowrank-skipped", (p, n_models * q), "auto")
+        return None
     found, attempt = rangefinder.certified_basis(deltas, tol, max_rank=max_rank, **plan)
+    if not forced:
+        _probe_outcome(key, found is not None)
     _log_route("lowrank" if found is not None else "lowrank-fallback", attempt.shape,
                "lowrank" if forced else "auto", attempt=attempt)
     if found is None:

@@ -233,3 +233,43 @@ def test_all_zero_stack_gives_rank_zero():
     assert basis.shape == (120, 0) and sigma.numel() == 0 and coords.shape == (3, 0, 90)
     merged = drm_merge_matrix(stack, svd="lowrank", compute_dtype=torch.float64)
     assert not merged.any()
+
+
+def test_auto_skips_the_probe_on_a_series_of_dense_stacks_and_rechecks():
+    """After FAILED_STREAK failed probes of one shape, auto probes only every
+    RECHECK_EVERY-th stack of that shape; the factors are the exact route's
+    either way, and a certified (low-rank) stack resets the count."""
+    from mergekit_drm import decompose, rangefinder
+
+    g = torch.Generator().manual_seed(3)
+    p, q = 1024, 1024  # wide enough that auto plans a probe
+    dense = [torch.randn(3, p, q, generator=g) for _ in range(2)]
+    probes = []
+    n_calls = decompose.FAILED_STREAK + decompose.RECHECK_EVERY + 1
+    for index in range(n_calls):
+        deltas = dense[index % 2]
+        with rangefinder.record_attempts() as records:
+            basis, sigma, coords = decompose.low_rank_factors(deltas, rank_tol=0.01, mode="auto")
+        probes.append(routes(records)[0])
+        if index < 2:
+            exact = decompose.low_rank_factors(deltas, rank_tol=0.01, mode="full")
+            assert torch.allclose(sigma, exact[1], rtol=1e-4)
+    streak = decompose.FAILED_STREAK
+    assert probes[:streak] == ["lowrank-fallback"] * streak
+    assert probes[streak:streak + decompose.RECHECK_EVERY - 1] == ["lowrank-skipped"] * (decompose.RECHECK_EVERY - 1)
+    assert probes[streak + decompose.RECHECK_EVERY - 1] == "lowrank-fallback"  # the periodic re-check
+    # a low-rank stack of the same shape is still found when its turn to be probed comes
+    low = torch.randn(3, p, 8, generator=g) @ torch.randn(3, 8, q, generator=g)
+    decompose.reset_probe_history()
+    with rangefinder.record_attempts() as records:
+        decompose.low_rank_factors(low, rank_tol=0.01, mode="auto")
+    assert routes(records)[0] == "lowrank"
+    # forced lowrank is never skipped, even where auto would skip
+    for _ in range(streak):
+        decompose.low_rank_factors(dense[0], rank_tol=0.01, mode="auto")
+    with rangefinder.record_attempts() as records:
+        decompose.low_rank_factors(dense[0], rank_tol=0.01, mode="auto")
+    assert routes(records)[0] == "lowrank-skipped"
+    with pytest.warns(UserWarning), rangefinder.record_attempts() as records:
+        decompose.low_rank_factors(dense[0], rank_tol=0.01, mode="lowrank")
+    assert routes(records)[0] == "lowrank-fallback"
