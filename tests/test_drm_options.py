@@ -243,3 +243,30 @@ def test_lora_cli_with_options_equals_mergekit_route(tmp_path, llama64):
         moved += 1
         assert rel(applied[name].double() - base_state[name].double(), delta) < TOL[torch.float64], name
     assert moved == 14
+
+
+@pytest.mark.parametrize("shape", [(40, 96), (96, 40)])
+@pytest.mark.parametrize("condition", [1e2, 1e7])
+def test_flatten_spectrum_equals_the_full_svd_formula(shape, condition):
+    """flatten_spectrum takes the Gram route when it resolves every direction
+    (condition 1e2) and the full SVD otherwise (1e7: below the Gram's reach);
+    either way it equals mean(s) U V^T of the float64 SVD, with every singular
+    value above the numerical floor taking part."""
+    from mergekit_drm.drm.options import flatten_spectrum
+
+    g = torch.Generator().manual_seed(11)
+    k = min(shape)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], k, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -math.log10(condition), k, dtype=torch.float64)
+    merged = (u * s) @ v.T
+    want = (u * s.mean()) @ v.T
+    got = flatten_spectrum(merged)
+    assert torch.allclose(got, want, atol=1e-9 * float(want.norm()), rtol=0)
+    # float32 input: the formula on the float32 matrix itself, result in float32
+    rounded = merged.float().double()
+    uu, ss, vvh = torch.linalg.svd(rounded, full_matrices=False)
+    want32 = (uu * ss.mean()) @ vvh
+    got32 = flatten_spectrum(merged.float())
+    assert got32.dtype == torch.float32
+    assert float((got32.double() - want32).norm() / want32.norm()) < 1e-5
