@@ -105,3 +105,15 @@ def test_quick_run_reports_every_method_and_resumes(tmp_path):
     # resume: every result is cached, so a second run merges nothing
     again = _quick(tmp_path)
     assert "merges run this session: 0" in again
+
+
+def test_report_keeps_superseded_runs():
+    """A whole merge measured again after a code change keeps its earlier run in the report."""
+    from benchmarks.perf import bench_scale
+
+    old = {"wall_s": 961.1, "peak_rss_kib": 8531000, "load_before": [1.4], "load_after": [1.8],
+           "commit": "d55f1b58a5b1", "dirty": False, "timestamp": "2026-12-06T05:46:00Z"}
+    text = bench_scale.report({"rows": {}, "machines": [], "superseded": {"whole|dense|drm-V|0": [old]}}, "full")
+    line = next(l for l in text.splitlines() if l.startswith("| whole|dense|drm-V|0"))
+    assert "| 961 | 8331 |" in line and "d55f1b58a5b1" in line
+    assert "Superseded" not in bench_scale.report({"rows": {}, "machines": []}, "full")

@@ -698,7 +698,22 @@ def report(data: dict, mode: str) -> str:
     for kind in KINDS:
         lines += _tensor_tables(rows, kind, shapes)
     lines += _sweep_table(rows, shapes)
+    lines += _superseded(data.get("superseded") or {})
     return "\n".join(lines) + "\n"
+
+
+def _superseded(old: dict) -> list:
+    """Whole merges measured again after a code change: the earlier runs, for the record."""
+    runs = [(key, r) for key, rs in sorted(old.items()) for r in rs if "wall_s" in r]
+    if not runs:
+        return []
+    lines = ["## Superseded whole-merge runs (measured again with later code; kept for the record)", "",
+             "| job | wall s | peak RSS MiB | load | commit | measured |", "|---|---|---|---|---|---|"]
+    for key, r in runs:
+        lines.append(f"| {key} | {r['wall_s']:.0f} | {r['peak_rss_kib'] / 1024:.0f} | "
+                     f"{r['load_before'][0]:.1f}->{r['load_after'][0]:.1f} | "
+                     f"{r['commit']}{'*' if r.get('dirty') else ''} | {r.get('timestamp', '')} |")
+    return lines + [""]
 
 
 def _tensor_rows(rows, scale, kind, n):
