@@ -102,6 +102,21 @@ def test_quick_run_reports_every_method_and_resumes(tmp_path):
 
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "quick" / "1B" / "lora-ft1")
     assert model.config.num_key_value_heads == bench_scale.SHAPES["quick"]["1B"]["kv_heads"]
+    # the adapter route: every method merged the adapters, and each adapter folds
+    # into the base to exactly the lora checkpoint's bf16 weights
+    _, rows = _table(report, "## The same lora fine-tunes merged as adapters")
+    assert [r[0] for r in rows] == list(bench_scale.ADAPTER_METHODS)
+    assert all(float(r[1]) > 0 for r in rows)
+    from safetensors.torch import load_file
+
+    root = tmp_path / "quick" / "1B"
+    base, ft = (bench_scale.CheckpointReader(str(root / d)) for d in ("base", "lora-ft2"))
+    factors = load_file(str(root / "lora-adapter2" / "adapter_model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    b = factors[f"base_model.model.{name[:-7]}.lora_B.weight"]
+    a = factors[f"base_model.model.{name[:-7]}.lora_A.weight"]
+    assert b.shape[1] == bench_scale.LORA_RANKS[2]
+    assert torch.equal((base.get(name).float() + b @ a).to(torch.bfloat16), ft.get(name))
     # resume: every result is cached, so a second run merges nothing
     again = _quick(tmp_path)
     assert "merges run this session: 0" in again

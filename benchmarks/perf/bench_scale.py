@@ -99,6 +99,8 @@ METHODS = {
     "della": ("della", {}, {"density": 0.2, "weight": 1.0}),
 }
 SWEEP_METHODS = ("ties", "drm-V", "drm-H", "tsv_m", "iso_c")
+# methods of mergekit-drm-lora (route 2: the lora fine-tunes' adapters merged on their factors)
+ADAPTER_METHODS = ("drm-V", "drm-H", "drm-V-iso-total", "drm-H-iso-total", "tsv_m", "iso_c", "iso_cts")
 SWEEP_N = {"full": (2, 3, 5, 8), "quick": (2, 3)}
 
 
@@ -182,14 +184,51 @@ def finetune_tensor(base: torch.Tensor, name: str, kind: str, index: int) -> tor
             block.addmm_(left, right).add_(base[lo:hi].float())
             out[lo:hi] = block.to(torch.bfloat16)
     elif kind == "lora":
-        rank = LORA_RANKS[index % len(LORA_RANKS)]
-        a = torch.randn(rank, cols, generator=gen) * (LORA_REL * weight_norm / math.sqrt(rows * cols * rank))
+        b, a = lora_factors(base, name, index)
         for lo, hi in _chunks(rows, cols):
-            b = torch.randn(hi - lo, rank, generator=gen)
-            out[lo:hi] = (base[lo:hi].float() + b @ a).to(torch.bfloat16)
+            out[lo:hi] = (base[lo:hi].float() + b[lo:hi] @ a).to(torch.bfloat16)
     else:
         raise ValueError(f"unknown fine-tune kind {kind!r}; use one of {KINDS}")
     return out
+
+
+def lora_factors(base: torch.Tensor, name: str, index: int):
+    """B (rows, r) and A (r, cols) of lora fine-tune ``index`` on matrix ``name``:
+    the folded checkpoint holds bf16(base + B @ A), its adapter B and A themselves."""
+    gen = _gen("lora", index, name)
+    rows, cols = base.shape
+    weight_norm = float(torch.linalg.vector_norm(base, dtype=torch.float32))
+    rank = LORA_RANKS[index % len(LORA_RANKS)]
+    a = torch.randn(rank, cols, generator=gen) * (LORA_REL * weight_norm / math.sqrt(rows * cols * rank))
+    b = torch.cat([torch.randn(hi - lo, rank, generator=gen) for lo, hi in _chunks(rows, cols)])
+    return b, a
+
+
+def write_adapter(path: str, base_path: str, shape: dict, index: int) -> None:
+    """PEFT adapter of lora fine-tune ``index`` (float32 factors, lora_alpha = r: scale 1); atomic."""
+    from safetensors.torch import save_file
+
+    reader = CheckpointReader(base_path)
+    tensors = {}
+    for name, dims in llama_tensors(shape):
+        if len(dims) == 2 and not is_vocab(name):
+            b, a = lora_factors(reader.get(name), name, index)
+            module = "base_model.model." + name[: -len(".weight")]
+            tensors[module + ".lora_A.weight"] = a.contiguous()
+            tensors[module + ".lora_B.weight"] = b.contiguous()
+    rank = LORA_RANKS[index % len(LORA_RANKS)]
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
+              "target_modules": [p.split(".")[1] for p in PROJECTIONS], "bias": "none",
+              "lora_dropout": 0.0, "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+              "modules_to_save": None, "init_lora_weights": True, "base_model_name_or_path": base_path}
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"))
+    with open(os.path.join(tmp, "adapter_config.json"), "w") as handle:
+        json.dump(config, handle, indent=2)
+    shutil.rmtree(path, ignore_errors=True)
+    os.rename(tmp, path)
 
 
 def _write_config(path: str, shape: dict) -> None:
@@ -312,6 +351,35 @@ def run_yaml_measured(config_path: str, out: str):
     shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0:
         raise RuntimeError(err[-3000:])
+    return wall, peak.peak // 1024
+
+
+def run_lora_cli_measured(config_path: str, out: str):
+    """Wall s and peak RSS KiB of one ``mergekit-drm-lora`` process (the adapter route)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "mergekit-drm-lora")
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen([exe, config_path, out, "-q", "--no-write-model-card"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with PeakRSS(proc.pid) as peak:
+        _, err = proc.communicate()
+    wall = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    if proc.returncode != 0:
+        raise RuntimeError(err[-3000:])
+    return wall, peak.peak // 1024
+
+
+def run_lora_cli_inprocess(config_path: str, out: str):
+    """The same adapter merge in this process (--quick: no process start-up)."""
+    from mergekit_drm.lora import cli
+
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    with PeakRSS() as peak:
+        cli.main.main([config_path, out, "-q", "--no-write-model-card"], standalone_mode=False)
+    wall = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
     return wall, peak.peak // 1024
 
 
@@ -509,6 +577,36 @@ class Bench:
         self.record(key, row)
         return row
 
+    def adapter_path(self, index: int) -> str:
+        return os.path.join(self.cache, "1B", f"lora-adapter{index}")
+
+    def job_adapter(self, index: int):
+        path = self.adapter_path(index)
+        if not os.path.exists(os.path.join(path, "adapter_config.json")):
+            write_adapter(path, self.ckpt("base", 0), self.shapes["1B"], index)
+        return None
+
+    def job_adapter_merge(self, key: str, label: str):
+        """The lora fine-tunes merged as adapters: ``mergekit-drm-lora`` (route 2)."""
+        method, shared, per_model = METHODS[label]
+        work = os.path.join(self.cache, "work")
+        os.makedirs(work, exist_ok=True)
+        config_path = os.path.join(work, f"{label}-adapters.yml")
+        adapters = [self.adapter_path(i) for i in range(N_FINETUNES)]
+        bench_drm.write_merge_config(config_path, method, self.ckpt("base", 0), adapters, shared,
+                                     per_model, "bfloat16")
+        load_before = _load()
+        try:
+            measure = run_lora_cli_inprocess if self.args.quick else run_lora_cli_measured
+            wall, peak_kib = measure(config_path, os.path.join(work, "out-adapter"))
+            row = {"wall_s": round(wall, 2), "peak_rss_kib": peak_kib}
+        except Exception as exc:
+            row = {"error": str(exc)[-2000:]}
+        self.merges_run += 1
+        row.update(load_before=load_before, load_after=_load())
+        self.record(key, row)
+        return row
+
     def job_generate(self, kind: str, n: int, vocab: bool):
         """The 8B tensors (bf16 files, one per tensor and model) for N fine-tunes of ``kind``."""
         root = os.path.join(self.cache, "8B")
@@ -573,8 +671,12 @@ class Bench:
                          self.job_tensors(key, scale, kind, n, m, p)) for m in methods]
             return out
 
+        jobs += [(f"adapter|{i}", lambda i=i: self.job_adapter(i)) for i in range(N_FINETUNES)]
         for kind in KINDS:
             jobs += whole(kind, 0)
+            if kind == "lora":
+                jobs += [(f"adapters|1B|{m}", lambda m=m: self.job_adapter_merge(f"adapters|1B|{m}", m))
+                         for m in ADAPTER_METHODS]
             jobs += tensors("8B", kind, N_FINETUNES, METHODS, True)
             jobs += tensors("1B", kind, N_FINETUNES, METHODS, True)
         for n in SWEEP_N[self.mode]:
@@ -695,11 +797,37 @@ def report(data: dict, mode: str) -> str:
                          f"{walls} | {rss / 1024:.0f} | "
                          f"{rss / ties_m:.2f} | {load} | {commits} |")
         lines.append("")
+    lines += _adapter_table(rows)
     for kind in KINDS:
         lines += _tensor_tables(rows, kind, shapes)
     lines += _sweep_table(rows, shapes)
     lines += _superseded(data.get("superseded") or {})
     return "\n".join(lines) + "\n"
+
+
+def _adapter_table(rows: dict) -> list:
+    """The lora fine-tunes as adapters (mergekit-drm-lora) against the folded checkpoints' ties."""
+    done = {m: rows.get(f"adapters|1B|{m}") for m in ADAPTER_METHODS}
+    done = {m: r for m, r in done.items() if r}
+    if not done:
+        return []
+    ties = rows.get("whole|lora|ties|0") or {}
+    lines = ["## The same lora fine-tunes merged as adapters (`mergekit-drm-lora`, route 2: one merged "
+             "adapter, computed on the factors; no full weights loaded)", "",
+             "`/ ties` compares with `ties` on the folded checkpoints (the whole-merge table above); the "
+             "adapters hold the exact factors of the folded fine-tunes (float32, before bf16 rounding).", "",
+             "| method | wall s | / ties (folded) | peak RSS MiB | / ties | load | commit |",
+             "|---|---|---|---|---|---|---|"]
+    for m, r in done.items():
+        if "error" in r:
+            lines.append(f"| {m} | failed: {r['error'].strip().splitlines()[-1][:120]} ||||||")
+            continue
+        ratio = lambda a, b: f"{a / b:.3f}" if b else "-"  # noqa: E731
+        lines.append(f"| {m} | {r['wall_s']:.1f} | {ratio(r['wall_s'], ties.get('wall_s'))} | "
+                     f"{r['peak_rss_kib'] / 1024:.0f} | {ratio(r['peak_rss_kib'], ties.get('peak_rss_kib'))} | "
+                     f"{r['load_before'][0]:.1f}->{r['load_after'][0]:.1f} | "
+                     f"{r['commit']}{'*' if r.get('dirty') else ''} |")
+    return lines + [""]
 
 
 def _superseded(old: dict) -> list:
