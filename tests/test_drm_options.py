@@ -245,11 +245,12 @@ def test_lora_cli_with_options_equals_mergekit_route(tmp_path, llama64):
     assert moved == 14
 
 
-@pytest.mark.parametrize("shape", [(40, 96), (96, 40)])
+@pytest.mark.parametrize("shape", [(40, 96), (96, 40), (50, 50)])
 @pytest.mark.parametrize("condition", [1e2, 1e7])
 def test_flatten_spectrum_equals_the_full_svd_formula(shape, condition):
-    """flatten_spectrum takes the Gram route when it resolves every direction
-    (condition 1e2) and the full SVD otherwise (1e7: below the Gram's reach);
+    """flatten_spectrum takes the Gram route on a rectangular matrix when it
+    resolves every direction (condition 1e2), the full SVD otherwise (1e7: below
+    the Gram's reach; square matrices);
     either way it equals mean(s) U V^T of the float64 SVD, with every singular
     value above the numerical floor taking part."""
     from mergekit_drm.drm.options import flatten_spectrum

@@ -33,18 +33,23 @@ def flatten_spectrum(merged: torch.Tensor) -> torch.Tensor:
     Because the basis has orthonormal columns, flattening the merged
     coordinates flattens the merged delta basis @ merged.
 
-    Computed by ``decompose``'s cheapest route that resolves singular values
-    down to ``POLAR_RANK_TOL`` (the float64 Gram route, about half the cost of
-    a full SVD at 2048 x 8192). When that finds every direction (min(r, q) of
-    them, the usual case) the full SVD would keep the same ones; otherwise
-    (singular values below its reach) the full float64 SVD decides, as before.
+    A clearly rectangular matrix (one side at least twice the other: DRM's
+    merged gate/up/down and k/v coordinates) is well conditioned, and goes by
+    ``decompose``'s cheapest route that resolves singular values down to
+    ``POLAR_RANK_TOL`` (the float64 Gram route: about half the full SVD's
+    time at 2048 x 8192, measured in the merge). When that finds every
+    direction (min(r, q) of them) the full SVD would keep the same ones;
+    otherwise, and for near-square matrices (a 1B q_proj's merged 2048 x 2048
+    had sigma_min / sigma_max = 1.1e-5, below that reach), the full float64
+    SVD decides, as before.
     """
     if merged.numel() == 0:
         return merged
     m64 = merged.to(torch.float64)
-    basis, s, coords = low_rank_factors(m64.unsqueeze(0), rank_tol=POLAR_RANK_TOL, mode="auto", sketch=False)
-    if s.numel() == min(merged.shape):
-        return ((basis * s.mean()) @ coords[0]).to(merged.dtype)
+    if max(merged.shape) >= 2 * min(merged.shape):
+        basis, s, coords = low_rank_factors(m64.unsqueeze(0), rank_tol=POLAR_RANK_TOL, mode="auto", sketch=False)
+        if s.numel() == min(merged.shape):
+            return ((basis * s.mean()) @ coords[0]).to(merged.dtype)
     u, s, vh = truncated_svd(m64, svd="full")
     if s.numel() == 0:
         return merged
