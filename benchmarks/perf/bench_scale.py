@@ -838,7 +838,7 @@ def _superseded(old: dict) -> list:
     lines = ["## Superseded whole-merge runs (measured again with later code; kept for the record)", "",
              "| job | wall s | peak RSS MiB | load | commit | measured |", "|---|---|---|---|---|---|"]
     for key, r in runs:
-        lines.append(f"| {key} | {r['wall_s']:.0f} | {r['peak_rss_kib'] / 1024:.0f} | "
+        lines.append(f"| {key.replace('|', ' ')} | {r['wall_s']:.0f} | {r['peak_rss_kib'] / 1024:.0f} | "
                      f"{r['load_before'][0]:.1f}->{r['load_after'][0]:.1f} | "
                      f"{r['commit']}{'*' if r.get('dirty') else ''} | {r.get('timestamp', '')} |")
     return lines + [""]
