@@ -599,7 +599,7 @@ class Bench:
         try:
             measure = run_lora_cli_inprocess if self.args.quick else run_lora_cli_measured
             wall, peak_kib = measure(config_path, os.path.join(work, "out-adapter"))
-            row = {"wall_s": round(wall, 2), "peak_rss_kib": peak_kib}
+            row = {"wall_s": round(wall, 4), "peak_rss_kib": peak_kib}
         except Exception as exc:
             row = {"error": str(exc)[-2000:]}
         self.merges_run += 1
@@ -823,7 +823,7 @@ def _adapter_table(rows: dict) -> list:
             lines.append(f"| {m} | failed: {r['error'].strip().splitlines()[-1][:120]} ||||||")
             continue
         ratio = lambda a, b: f"{a / b:.3f}" if b else "-"  # noqa: E731
-        lines.append(f"| {m} | {r['wall_s']:.1f} | {ratio(r['wall_s'], ties.get('wall_s'))} | "
+        lines.append(f"| {m} | {r['wall_s']:.3g} | {ratio(r['wall_s'], ties.get('wall_s'))} | "
                      f"{r['peak_rss_kib'] / 1024:.0f} | {ratio(r['peak_rss_kib'], ties.get('peak_rss_kib'))} | "
                      f"{r['load_before'][0]:.1f}->{r['load_after'][0]:.1f} | "
                      f"{r['commit']}{'*' if r.get('dirty') else ''} |")
