@@ -194,12 +194,21 @@ def demo(out_dir: str, steps: int, full_finetune: bool) -> int:
 def run_demo(out_dir: str, steps: int = 100, full_finetune: bool = False) -> dict:
     """Train (or reuse), merge, score and print; returns {model name: per-task
     accuracy} with "base", "ft-<task>" and each of MERGES."""
+    # one thread: these matrices are tiny, and a second OpenMP thread on a busy
+    # 2-core machine made every step many times slower. Restored afterwards: the
+    # caller's thread count is part of the calibration cache's machine key.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(out_dir, steps, full_finetune)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out_dir: str, steps: int, full_finetune: bool) -> dict:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    # one thread: these matrices are tiny, and a second OpenMP thread on a busy
-    # 2-core machine made every step many times slower
-    torch.set_num_threads(1)
     out = os.path.abspath(out_dir)
     os.makedirs(out, exist_ok=True)
     started = time.time()

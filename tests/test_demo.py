@@ -78,7 +78,9 @@ def test_demo_claims_hold(tmp_path):
     import transformers
 
     out = tmp_path / "demo"
+    threads = torch.get_num_threads()
     scores = demo.run_demo(str(out))
+    assert torch.get_num_threads() == threads  # the caller's setting is restored
     base = scores["base"]
     for name in demo.MERGES:
         assert all(m > b for m, b in zip(scores[name], base)), (name, scores[name], base)
