@@ -336,38 +336,36 @@ class PeakRSS:
         self._thread.join()
 
 
+def _process_measured(argv: list, out: str):
+    """Wall s and peak RSS KiB of one process that writes ``out`` (removed before and after)."""
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with PeakRSS(proc.pid) as peak:
+        _, err = proc.communicate()
+    wall = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    if proc.returncode != 0:
+        raise RuntimeError(err[-3000:])
+    return wall, peak.peak // 1024
+
+
+def _script(name: str) -> str:
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
 def run_yaml_measured(config_path: str, out: str):
     """Wall s and peak RSS KiB of one ``mergekit-yaml`` process (bench_drm's /usr/bin/time run)."""
     if os.path.exists("/usr/bin/time"):
         return bench_drm.run_merge_measured(config_path, out)
-    exe = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
-    shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    proc = subprocess.Popen([exe, config_path, out, "--no-copy-tokenizer", "--no-write-model-card"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    with PeakRSS(proc.pid) as peak:
-        _, err = proc.communicate()
-    wall = time.perf_counter() - start
-    shutil.rmtree(out, ignore_errors=True)
-    if proc.returncode != 0:
-        raise RuntimeError(err[-3000:])
-    return wall, peak.peak // 1024
+    return _process_measured([_script("mergekit-yaml"), config_path, out, "--no-copy-tokenizer",
+                              "--no-write-model-card"], out)
 
 
 def run_lora_cli_measured(config_path: str, out: str):
     """Wall s and peak RSS KiB of one ``mergekit-drm-lora`` process (the adapter route)."""
-    exe = os.path.join(os.path.dirname(sys.executable), "mergekit-drm-lora")
-    shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    proc = subprocess.Popen([exe, config_path, out, "-q", "--no-write-model-card"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    with PeakRSS(proc.pid) as peak:
-        _, err = proc.communicate()
-    wall = time.perf_counter() - start
-    shutil.rmtree(out, ignore_errors=True)
-    if proc.returncode != 0:
-        raise RuntimeError(err[-3000:])
-    return wall, peak.peak // 1024
+    return _process_measured([_script("mergekit-drm-lora"), config_path, out, "-q",
+                              "--no-write-model-card"], out)
 
 
 def run_lora_cli_inprocess(config_path: str, out: str):
@@ -558,24 +556,29 @@ class Bench:
                 reader.get(name), name, kind, index), self.shard_bytes)
         print(f"  wrote {path} in {time.perf_counter() - start:.0f} s", flush=True)
 
-    def job_whole(self, key: str, kind: str, label: str):
+    def _merge_job(self, key: str, label: str, base: str, models: list, name: str, measure,
+                   out: str, digits: int):
+        """Write the YAML for METHODS[label] over ``models``, run ``measure`` on it, record the row."""
         method, shared, per_model = METHODS[label]
-        base, *fts = self.ckpt_paths(kind, N_FINETUNES)
         work = os.path.join(self.cache, "work")
         os.makedirs(work, exist_ok=True)
-        config_path = os.path.join(work, f"{label}-{kind}.yml")
-        bench_drm.write_merge_config(config_path, method, base, fts, shared, per_model, "bfloat16")
-        measure = run_inprocess_measured if self.args.quick else run_yaml_measured
+        config_path = os.path.join(work, f"{label}-{name}.yml")
+        bench_drm.write_merge_config(config_path, method, base, models, shared, per_model, "bfloat16")
         load_before = _load()
         try:
-            wall, peak_kib = measure(config_path, os.path.join(work, "out"))
-            row = {"wall_s": round(wall, 2), "peak_rss_kib": peak_kib}
+            wall, peak_kib = measure(config_path, os.path.join(work, out))
+            row = {"wall_s": round(wall, digits), "peak_rss_kib": peak_kib}
         except Exception as exc:  # a failing method is recorded, the plan goes on
             row = {"error": str(exc)[-2000:]}
         self.merges_run += 1
         row.update(load_before=load_before, load_after=_load())
         self.record(key, row)
         return row
+
+    def job_whole(self, key: str, kind: str, label: str):
+        base, *fts = self.ckpt_paths(kind, N_FINETUNES)
+        measure = run_inprocess_measured if self.args.quick else run_yaml_measured
+        return self._merge_job(key, label, base, fts, kind, measure, "out", 2)
 
     def adapter_path(self, index: int) -> str:
         return os.path.join(self.cache, "1B", f"lora-adapter{index}")
@@ -588,24 +591,10 @@ class Bench:
 
     def job_adapter_merge(self, key: str, label: str):
         """The lora fine-tunes merged as adapters: ``mergekit-drm-lora`` (route 2)."""
-        method, shared, per_model = METHODS[label]
-        work = os.path.join(self.cache, "work")
-        os.makedirs(work, exist_ok=True)
-        config_path = os.path.join(work, f"{label}-adapters.yml")
         adapters = [self.adapter_path(i) for i in range(N_FINETUNES)]
-        bench_drm.write_merge_config(config_path, method, self.ckpt("base", 0), adapters, shared,
-                                     per_model, "bfloat16")
-        load_before = _load()
-        try:
-            measure = run_lora_cli_inprocess if self.args.quick else run_lora_cli_measured
-            wall, peak_kib = measure(config_path, os.path.join(work, "out-adapter"))
-            row = {"wall_s": round(wall, 4), "peak_rss_kib": peak_kib}
-        except Exception as exc:
-            row = {"error": str(exc)[-2000:]}
-        self.merges_run += 1
-        row.update(load_before=load_before, load_after=_load())
-        self.record(key, row)
-        return row
+        measure = run_lora_cli_inprocess if self.args.quick else run_lora_cli_measured
+        return self._merge_job(key, label, self.ckpt("base", 0), adapters, "adapters", measure,
+                               "out-adapter", 4)
 
     def job_generate(self, kind: str, n: int, vocab: bool):
         """The 8B tensors (bf16 files, one per tensor and model) for N fine-tunes of ``kind``."""
