@@ -35,6 +35,15 @@ FT_LR = 1e-4  # gentle fine-tunes: large steps forget the other tasks and merge 
 MARKER = "demo-finetune.txt"  # what a fine-tune folder trained: reused only for the same mode
 
 
+def _read_text(path: str) -> str:
+    """The file's text, or "" when it does not exist."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return ""
+
+
 def trains(name: str, full: bool) -> bool:
     """Which tensors a fine-tune trains: the projections (q/k/v/o, gate/up/down),
     or with ``full`` every tensor (embeddings, lm_head and norms too)."""
@@ -225,11 +234,11 @@ def _run_demo(out_dir: str, steps: int, full_finetune: bool) -> dict:
     finetunes = []
     mode = "every tensor" if full_finetune else "projections"
     recipe = f"{mode}, {steps} steps, lr {FT_LR}"
+    suffix = "-full" if full_finetune else ""
     for index, task in enumerate(tasks):
         path = os.path.join(out, f"ft-full-{task}" if full_finetune else f"ft-{task}")
         marker = os.path.join(path, MARKER)
-        if not (os.path.exists(os.path.join(path, "config.json")) and os.path.exists(marker)
-                and open(marker, encoding="utf-8").read() == recipe):
+        if not (os.path.exists(os.path.join(path, "config.json")) and _read_text(marker) == recipe):
             model = transformers.LlamaForCausalLM.from_pretrained(base_path)
             train(model, [task], steps, seed=1 + index, lr=FT_LR, label=task, full=full_finetune)
             model.save_pretrained(path)
@@ -241,9 +250,9 @@ def _run_demo(out_dir: str, steps: int, full_finetune: bool) -> dict:
 
     merged = {}
     for name, (method, params) in MERGES.items():
-        config_path = os.path.join(out, f"{name}{'-full' if full_finetune else ''}.yml")
+        config_path = os.path.join(out, f"{name}{suffix}.yml")
         write_config(config_path, method, params, base_path, finetunes)
-        target = os.path.join(out, f"merged-{name}{'-full' if full_finetune else ''}")
+        target = os.path.join(out, f"merged-{name}{suffix}")
         shutil.rmtree(target, ignore_errors=True)
         tick = time.time()
         run_yaml(config_path, target)

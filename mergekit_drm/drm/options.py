@@ -46,11 +46,12 @@ def flatten_spectrum(merged: torch.Tensor) -> torch.Tensor:
     if merged.numel() == 0:
         return merged
     m64 = merged.to(torch.float64)
+    factors = None
     if max(merged.shape) >= 2 * min(merged.shape):
         basis, s, coords = low_rank_factors(m64.unsqueeze(0), rank_tol=POLAR_RANK_TOL, mode="auto", sketch=False)
         if s.numel() == min(merged.shape):
-            return ((basis * s.mean()) @ coords[0]).to(merged.dtype)
-    u, s, vh = truncated_svd(m64, svd="full")
+            factors = basis, s, coords[0]
+    u, s, vh = factors or truncated_svd(m64, svd="full")
     if s.numel() == 0:
         return merged
     return ((u * s.mean()) @ vh).to(merged.dtype)
