@@ -192,13 +192,17 @@ def finetune_tensor(base: torch.Tensor, name: str, kind: str, index: int) -> tor
     return out
 
 
+def lora_rank(index: int) -> int:
+    return LORA_RANKS[index % len(LORA_RANKS)]
+
+
 def lora_factors(base: torch.Tensor, name: str, index: int):
     """B (rows, r) and A (r, cols) of lora fine-tune ``index`` on matrix ``name``:
     the folded checkpoint holds bf16(base + B @ A), its adapter B and A themselves."""
     gen = _gen("lora", index, name)
     rows, cols = base.shape
     weight_norm = float(torch.linalg.vector_norm(base, dtype=torch.float32))
-    rank = LORA_RANKS[index % len(LORA_RANKS)]
+    rank = lora_rank(index)
     a = torch.randn(rank, cols, generator=gen) * (LORA_REL * weight_norm / math.sqrt(rows * cols * rank))
     b = torch.cat([torch.randn(hi - lo, rank, generator=gen) for lo, hi in _chunks(rows, cols)])
     return b, a
@@ -216,7 +220,7 @@ def write_adapter(path: str, base_path: str, shape: dict, index: int) -> None:
             module = "base_model.model." + name[: -len(".weight")]
             tensors[module + ".lora_A.weight"] = a.contiguous()
             tensors[module + ".lora_B.weight"] = b.contiguous()
-    rank = LORA_RANKS[index % len(LORA_RANKS)]
+    rank = lora_rank(index)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
               "target_modules": [p.split(".")[1] for p in PROJECTIONS], "bias": "none",
               "lora_dropout": 0.0, "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
@@ -812,7 +816,7 @@ def _adapter_table(rows: dict) -> list:
             lines.append(f"| {m} | failed: {r['error'].strip().splitlines()[-1][:120]} ||||||")
             continue
         ratio = lambda a, b: f"{a / b:.3f}" if b else "-"  # noqa: E731
-        lines.append(f"| {m} | {r['wall_s']:.3g} | {ratio(r['wall_s'], ties.get('wall_s'))} | "
+        lines.append(f"| {m} | {_secs(r['wall_s'])} | {ratio(r['wall_s'], ties.get('wall_s'))} | "
                      f"{r['peak_rss_kib'] / 1024:.0f} | {ratio(r['peak_rss_kib'], ties.get('peak_rss_kib'))} | "
                      f"{r['load_before'][0]:.1f}->{r['load_after'][0]:.1f} | "
                      f"{r['commit']}{'*' if r.get('dirty') else ''} |")
