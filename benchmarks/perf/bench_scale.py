@@ -868,11 +868,14 @@ def _tensor_tables(rows, kind, shapes) -> list:
                 cells.append("" if e is None else f"{e['s']:.2f}" + (" r" if "first_s" in e else ""))
             shape_txt = "x".join(map(str, dims[name]))
             lines.append(f"| {_short(name)} ({shape_txt}) | " + " | ".join(cells) + " |")
+        vocab = [n for n in dims if is_vocab(n)][0]
         proj = {m: projection(per[m]["tensors"], s8) for m in methods}
         ties = proj.get("ties", float("nan"))
-        lines.append("| **projected 8B merge, h** | " + " | ".join(f"**{proj[m] / 3600:.2f}**" for m in methods) + " |")
+        # a method whose vocabulary job has not run is projected from its layers alone: say so
+        lines.append("| **projected 8B merge, h** | " + " | ".join(
+            f"**{proj[m] / 3600:.2f}**" + ("" if vocab in per[m]["tensors"] else " (layers only)")
+            for m in methods) + " |")
         lines.append("| / ties | " + " | ".join(f"{proj[m] / ties:.2f}" for m in methods) + " |")
-        vocab = [n for n in dims if is_vocab(n)][0]
         lines.append("| vocabulary tensor extra peak RSS GiB | " + " | ".join(
             f"{per[m]['tensors'][vocab]['peak_extra_mib'] / 1024:.1f}" if vocab in per[m]["tensors"] else ""
             for m in methods) + " |")
