@@ -38,6 +38,7 @@ when complete. The report is rewritten after every result.
     python -m benchmarks.perf.bench_scale --max-minutes 60 # stop starting jobs after an hour
     python -m benchmarks.perf.bench_scale --rerun drm-V    # forget drm-V's results, measure again
     python -m benchmarks.perf.bench_scale --only whole     # only jobs whose key contains 'whole'
+    python -m benchmarks.perf.bench_scale --only 'tensor|8B|dense|3|drm-V$'  # that job alone, not drm-V-iso-total
     python -m benchmarks.perf.bench_scale --report         # rewrite the report from the cache
     python -m benchmarks.perf.bench_scale --quick          # tiny shapes, < 60 s (the smoke test)
 
@@ -695,7 +696,7 @@ class Bench:
         self.save()
         started = time.time()
         for key, fn in self.plan():
-            if self.args.only and not any(o in key for o in self.args.only):
+            if self.args.only and not any(_matches(key, o) for o in self.args.only):
                 continue
             if key in self.data["rows"] and "error" not in self.data["rows"][key]:
                 continue  # done (a failed job is kept for the record and tried again next session)
@@ -711,6 +712,11 @@ class Bench:
         print(report(self.data, self.mode))
         print(f"merges run this session: {self.merges_run}", flush=True)
         return 0
+
+
+def _matches(key: str, text: str) -> bool:
+    """--only: 'drm-V' also picks drm-V-iso-total; 'drm-V$' picks drm-V alone."""
+    return key.endswith(text[:-1]) if text.endswith("$") else text in key
 
 
 def eight_b_tensors(shape: dict, part: str = "all") -> list:
@@ -946,7 +952,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=None,
                         help="whole-merge runs per method and kind (default 3; --quick 1)")
     parser.add_argument("--rerun", action="append", metavar="METHOD", help="forget METHOD's results first")
-    parser.add_argument("--only", action="append", metavar="TEXT", help="only jobs whose key contains TEXT")
+    parser.add_argument("--only", action="append", metavar="TEXT",
+                        help="only jobs whose key contains TEXT (a trailing $ anchors it to the key's end)")
     parser.add_argument("--max-minutes", type=float, default=None, help="start no job after this long")
     parser.add_argument("--report", action="store_true", help="rewrite the report from the cache and exit")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
