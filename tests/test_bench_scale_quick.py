@@ -132,3 +132,12 @@ def test_report_keeps_superseded_runs():
     line = next(l for l in text.splitlines() if l.startswith("| whole dense drm-V 0 |"))
     assert "| 961 | 8331 |" in line and "d55f1b58a5b1" in line
     assert "Superseded" not in bench_scale.report({"rows": {}, "machines": []}, "full")
+
+
+def test_only_matches_a_substring_or_an_anchored_end():
+    """--only 'drm-V' picks drm-V-iso-total too; 'drm-V$' picks the one job (a session ran both)."""
+    keys = ["tensor|8B|dense|3|drm-V", "tensor|8B|dense|3|drm-V-iso-total", "whole|dense|drm-V|0"]
+    assert [k for k in keys if bench_scale._matches(k, "dense|3|drm-V")] == keys[:2]
+    assert [k for k in keys if bench_scale._matches(k, "dense|3|drm-V$")] == keys[:1]
+    assert [k for k in keys if bench_scale._matches(k, "drm-V|0$")] == keys[2:]
+    assert not any(bench_scale._matches(k, "iso_c$") for k in keys)
